@@ -1,0 +1,73 @@
+"""Registry of presets: one published experiment each, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from implreg.experiments import tensor_dynamics
+from implreg.experiments.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of an experiment module and the figure it reproduces."""
+
+    name: str
+    description: str
+    reproduces: str
+    module: ModuleType
+    config: Any
+
+    @property
+    def experiment(self) -> str:
+        return self.module.__name__.rsplit(".", 1)[-1]
+
+
+_TD = tensor_dynamics.TensorDynamicsConfig()
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "tf-dynamics",
+            "CP completion of an order-4 rank-5 tensor from 2000 entries, R = 1000, "
+            "init std 0.05 / 0.01 / 0.005",
+            "Razin et al. 2021, Figure 3",
+            tensor_dynamics,
+            _TD,
+        ),
+        Preset(
+            "tf-huber",
+            "as tf-dynamics with the Huber loss (eq. 8), delta = 0.002 below the residual scale",
+            "Razin et al. 2021, Appendix B (Huber loss)",
+            tensor_dynamics,
+            dataclasses.replace(_TD, loss="huber", huber_delta=0.002),
+        ),
+        Preset(
+            "tf-sensing",
+            "CP sensing y_i = <X_i, W*> with Gaussian X_i (variance 1/#entries), "
+            "order 4, rank 5, 2000 measurements",
+            "Razin et al. 2021, Appendix B (tensor sensing)",
+            tensor_dynamics,
+            dataclasses.replace(_TD, task="sensing", measurement="gaussian"),
+        ),
+        Preset(
+            "tf-order",
+            "order-3 completion (modes of size 10), ground-truth rank 3, R = 100, 500 entries",
+            "Razin et al. 2021, Appendix B (other orders and ranks)",
+            tensor_dynamics,
+            dataclasses.replace(_TD, dims=(10, 10, 10), gt_rank=3, rank=100, num_observations=500),
+        ),
+    ]
+}
+
+EXPERIMENTS: dict[str, ModuleType] = {"tensor_dynamics": tensor_dynamics}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,1 @@
+"""Factorization models: CP tensor factorization (more to come: deep matrix, hierarchical)."""

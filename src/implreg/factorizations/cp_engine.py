@@ -1,0 +1,303 @@
+"""Fast loss gradients of a CP factorization fit to observations.
+
+The objective is paper eq. (1)-(2): ``phi(W) = 1/m sum_i l(pred_i - y_i)`` with
+``pred_i`` the value of the end tensor at observation ``i`` (completion) or
+``<X_i, W_e>`` (sensing).  Every engine returns the loss per batch entry and
+the gradients with respect to all factors, computed analytically (no
+autograd); :mod:`tests.test_cp_engine` checks each against autograd.
+
+Formulations
+------------
+``dense``
+    For small tensors.  Modes are split in two halves; with ``T_1`` and ``T_2``
+    the Khatri-Rao products of the halves, the end tensor is the matrix
+    ``T_1 T_2^T``.  The gradient with respect to the end tensor ``G`` (sparse
+    residuals scattered into a dense array, or ``X^T dpred`` for sensing) gives
+    ``dT_1 = G T_2`` and ``dT_2 = G^T T_1``: three GEMMs per step, then cheap
+    partial MTTKRPs back to the factors.
+``gather``
+    For tensors too large to build.  Consecutive modes are grouped so that each
+    group's Khatri-Rao table ``T_g`` (``prod_{n in g} d_n x R``) stays small;
+    each observation gathers one row per group, products are formed with
+    prefix/suffix products (no division, exact with zeros), and gradients are
+    scattered back with ``index_add``.  Observations are processed in chunks,
+    so memory is bounded by the chunk size, not by ``m``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from implreg.factorizations.cp import balanced_split, khatri_rao, khatri_rao_backward
+
+Tensor = torch.Tensor
+
+
+class PointwiseLoss(Protocol):
+    """A loss ``l(z)`` applied to residuals ``z = pred - y``: value and derivative."""
+
+    def pointwise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
+    """Row-major linear index of index tuples ``idx`` (``(m, N)``) into a ``dims`` tensor."""
+    lin = torch.zeros(idx.shape[0], dtype=torch.int64)
+    for n, d in enumerate(dims):
+        lin = lin * int(d) + idx[:, n].to(torch.int64)
+    return lin
+
+
+def group_modes(dims: Sequence[int], table_max: int) -> list[list[int]]:
+    """Partition modes into consecutive groups whose size products stay ``<= table_max``."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 1
+    for n, d in enumerate(dims):
+        if current and size * d > table_max:
+            groups.append(current)
+            current, size = [], 1
+        current.append(n)
+        size *= d
+    groups.append(current)
+    return groups
+
+
+class _Engine(abc.ABC):
+    """Shared interface: ``loss_and_grad(factors, loss)`` and ``predict(factors)``."""
+
+    m: int
+
+    @abc.abstractmethod
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        """Predictions at the observations, ``(B, m)``."""
+
+    @abc.abstractmethod
+    def loss_and_grad(
+        self, factors: Sequence[Tensor], loss: PointwiseLoss
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Mean loss per batch entry ``(B,)`` and the gradient for every factor."""
+
+
+def _prefix_products(cols: list[Tensor]) -> list[Tensor]:
+    prefix = [cols[0]]
+    for c in cols[1:]:
+        prefix.append(prefix[-1] * c)
+    return prefix
+
+
+def _leave_one_out(cols: list[Tensor], prefix: list[Tensor], weight: Tensor):
+    """Yield ``(g, weight * prod_{g' != g} cols[g'])`` for ``g = G-1, ..., 0``.
+
+    Uses the stored prefix products and a running suffix product: exact (no
+    division) and ``O(G)`` products.
+    """
+    rank = cols[0].shape[-1]
+    suffix = weight  # (B, c, 1) then (B, c, R)
+    for g in range(len(cols) - 1, -1, -1):
+        contrib = suffix if g == 0 else prefix[g - 1] * suffix
+        if contrib.shape[-1] != rank:
+            contrib = contrib.expand(-1, -1, rank)
+        yield g, contrib
+        if g > 0:
+            suffix = suffix * cols[g]
+
+
+class DenseCompletion(_Engine):
+    """Completion gradient through the dense ``T_1 T_2^T`` formulation (small tensors)."""
+
+    def __init__(self, dims: Sequence[int], idx: Tensor, y: Tensor):
+        self.dims = [int(d) for d in dims]
+        self.k = balanced_split(self.dims)
+        self.lin = linear_index(idx, self.dims)
+        self.y = y
+        self.m = idx.shape[0]
+        self.size = math.prod(self.dims)
+
+    def _halves(self, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        left = khatri_rao(factors[: self.k])
+        right = khatri_rao(factors[self.k :]) if self.k < len(self.dims) else None
+        return left, right
+
+    def _end_matrix(self, left: Tensor, right: Tensor | None) -> Tensor:
+        if right is None:
+            return left.sum(-1).unsqueeze(-1)
+        return torch.matmul(left, right.transpose(1, 2))
+
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        left, right = self._halves(factors)
+        w = self._end_matrix(left, right)
+        return w.reshape(w.shape[0], -1)[:, self.lin]
+
+    def grad_from_end_gradient(
+        self, factors: Sequence[Tensor], left: Tensor, right: Tensor | None, g_end: Tensor
+    ) -> list[Tensor]:
+        """Factor gradients from the gradient ``g_end`` (``(B, P)``) with respect to the end tensor."""
+        batch = g_end.shape[0]
+        if right is None:
+            d_left = g_end.reshape(batch, -1, 1).expand(-1, -1, left.shape[-1])
+            return khatri_rao_backward(factors, d_left)
+        gm = g_end.reshape(batch, left.shape[1], right.shape[1])
+        d_left = torch.matmul(gm, right)
+        d_right = torch.matmul(gm.transpose(1, 2), left)
+        return khatri_rao_backward(factors[: self.k], d_left) + khatri_rao_backward(
+            factors[self.k :], d_right
+        )
+
+    def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        left, right = self._halves(factors)
+        w = self._end_matrix(left, right)
+        batch = w.shape[0]
+        pred = w.reshape(batch, -1)[:, self.lin]
+        val, dval = loss.pointwise(pred - self.y)
+        g_end = w.new_zeros(batch, self.size)
+        g_end[:, self.lin] = dval / self.m
+        return val.mean(-1), self.grad_from_end_gradient(factors, left, right, g_end)
+
+
+class GatherCompletion(_Engine):
+    """Completion gradient over observed entries only (tensors too large to build)."""
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        idx: Tensor,
+        y: Tensor,
+        *,
+        table_max: int = 1024,
+        chunk: int = 4096,
+    ):
+        self.dims = [int(d) for d in dims]
+        self.groups = group_modes(self.dims, table_max)
+        self.group_idx = [
+            linear_index(idx[:, g], [self.dims[n] for n in g]).contiguous() for g in self.groups
+        ]
+        self.y = y
+        self.m = idx.shape[0]
+        self.chunk = int(chunk)
+
+    def _tables(self, factors: Sequence[Tensor]) -> list[Tensor]:
+        return [khatri_rao([factors[n] for n in g]) for g in self.groups]
+
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        tables = self._tables(factors)
+        outs = []
+        for s in range(0, self.m, self.chunk):
+            cols = [t[:, j[s : s + self.chunk], :] for t, j in zip(tables, self.group_idx)]
+            outs.append(_prefix_products(cols)[-1].sum(-1))
+        return torch.cat(outs, dim=1)
+
+    def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        tables = self._tables(factors)
+        d_tables = [torch.zeros_like(t) for t in tables]
+        batch = tables[0].shape[0]
+        total = tables[0].new_zeros(batch)
+        for s in range(0, self.m, self.chunk):
+            js = [j[s : s + self.chunk] for j in self.group_idx]
+            cols = [t[:, j, :] for t, j in zip(tables, js)]
+            prefix = _prefix_products(cols)
+            pred = prefix[-1].sum(-1)
+            val, dval = loss.pointwise(pred - self.y[s : s + self.chunk])
+            total += val.sum(-1)
+            weight = (dval / self.m).unsqueeze(-1)
+            for g, contrib in _leave_one_out(cols, prefix, weight):
+                d_tables[g].index_add_(1, js[g], contrib)
+        grads: list[Tensor] = []
+        for g, dt in zip(self.groups, d_tables):
+            grads.extend(khatri_rao_backward([factors[n] for n in g], dt))
+        return total / self.m, grads
+
+
+class DenseSensing(DenseCompletion):
+    """Sensing ``y_i = <X_i, W>`` with dense measurement tensors stored as one ``m x P`` matrix."""
+
+    def __init__(self, dims: Sequence[int], measurements: Tensor, y: Tensor):
+        self.dims = [int(d) for d in dims]
+        self.k = balanced_split(self.dims)
+        self.size = math.prod(self.dims)
+        if measurements.shape[1] != self.size:
+            raise ValueError("measurement matrix must have one column per tensor entry")
+        self.x = measurements
+        self.y = y
+        self.m = measurements.shape[0]
+
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        left, right = self._halves(factors)
+        w = self._end_matrix(left, right)
+        return w.reshape(w.shape[0], -1) @ self.x.T
+
+    def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        left, right = self._halves(factors)
+        w = self._end_matrix(left, right)
+        batch = w.shape[0]
+        pred = w.reshape(batch, -1) @ self.x.T
+        val, dval = loss.pointwise(pred - self.y)
+        g_end = (dval / self.m) @ self.x
+        return val.mean(-1), self.grad_from_end_gradient(factors, left, right, g_end)
+
+
+class RankOneSensing(_Engine):
+    """Sensing with rank-one measurement tensors ``X_i = x_i^1 (x) ... (x) x_i^N``.
+
+    ``<X_i, W_e> = sum_r prod_n <x_i^n, w_r^n>``: never builds a tensor, so it
+    scales to orders where the dense formulation cannot.
+    """
+
+    def __init__(self, vectors: Sequence[Tensor], y: Tensor, *, chunk: int = 4096):
+        self.vectors = list(vectors)  # each (m, d_n)
+        self.y = y
+        self.m = self.vectors[0].shape[0]
+        self.chunk = int(chunk)
+
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        outs = []
+        for s in range(0, self.m, self.chunk):
+            cols = [v[s : s + self.chunk] @ f for v, f in zip(self.vectors, factors)]
+            outs.append(_prefix_products(cols)[-1].sum(-1))
+        return torch.cat(outs, dim=1)
+
+    def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        grads = [torch.zeros_like(f) for f in factors]
+        batch = factors[0].shape[0]
+        total = factors[0].new_zeros(batch)
+        for s in range(0, self.m, self.chunk):
+            vs = [v[s : s + self.chunk] for v in self.vectors]
+            cols = [v @ f for v, f in zip(vs, factors)]
+            prefix = _prefix_products(cols)
+            pred = prefix[-1].sum(-1)
+            val, dval = loss.pointwise(pred - self.y[s : s + self.chunk])
+            total += val.sum(-1)
+            weight = (dval / self.m).unsqueeze(-1)
+            for g, contrib in _leave_one_out(cols, prefix, weight):
+                grads[g] += vs[g].T @ contrib
+        return total / self.m, grads
+
+
+def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 << 24) -> str:
+    """``dense`` when three ``P x R``-sized GEMMs beat gathering ``m`` rows per group, else ``gather``.
+
+    The constants come from ``bench/bench_cp_step.py`` on a 2-core CPU: a GEMM
+    flop costs about a tenth of a gathered, multiplied and scattered element.
+    """
+    size = math.prod(int(d) for d in dims)
+    if size > dense_max:
+        return "gather"
+    n_groups = len(group_modes(dims, 1024))
+    return "dense" if size <= 13 * n_groups * max(m, 1) else "gather"
+
+
+def completion_engine(
+    dims: Sequence[int], idx: Tensor, y: Tensor, *, method: str = "auto", **kwargs
+) -> _Engine:
+    """The completion engine for ``method`` in ``{'auto', 'dense', 'gather'}``."""
+    if method == "auto":
+        method = choose_completion_method(dims, idx.shape[0])
+    if method == "dense":
+        return DenseCompletion(dims, idx, y)
+    if method == "gather":
+        return GatherCompletion(dims, idx, y, **kwargs)
+    raise ValueError(f"unknown completion method {method!r}; use 'auto', 'dense' or 'gather'")

@@ -1,0 +1,1 @@
+"""What is fitted: synthetic ground truths and their observations."""

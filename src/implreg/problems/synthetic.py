@@ -1,0 +1,175 @@
+"""Synthetic low-CP-rank ground truths, completion and sensing observations (REFERENCE §1).
+
+Every random draw goes through an explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from implreg.factorizations.cp import cp_frobenius_norm, cp_to_tensor, cp_values
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class CPTensor:
+    """A tensor held in CP form: factors of shape ``(1, d_n, rank)``."""
+
+    factors: list[Tensor]
+
+    @property
+    def dims(self) -> list[int]:
+        return [f.shape[1] for f in self.factors]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.dims)
+
+    def values(self, idx: Tensor) -> Tensor:
+        """Entries at index tuples ``idx`` (``(m, N)``), shape ``(m,)``."""
+        return cp_values(self.factors, idx)[0]
+
+    def dense(self) -> Tensor:
+        """The full tensor, shape ``dims``."""
+        return cp_to_tensor(self.factors)[0]
+
+    def norm(self) -> float:
+        return float(cp_frobenius_norm(self.factors)[0])
+
+
+def low_cp_rank_tensor(
+    dims: Sequence[int],
+    rank: int,
+    *,
+    norm: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+) -> CPTensor:
+    """Ground truth of CP rank ``rank``: factors i.i.d. N(0, 1), rescaled to Frobenius norm ``norm``.
+
+    REFERENCE §1 (order 4, modes of size 10, rank 5, norm 1).  The rescaling is
+    spread evenly over the factors and computed without building the tensor.
+    """
+    dims = [int(d) for d in dims]
+    if any(d < 1 for d in dims):
+        raise ValueError(f"mode sizes must be positive, got {dims}")
+    if rank < 1:
+        raise ValueError(f"ground-truth rank must be positive, got {rank}")
+    if not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"ground-truth norm must be positive and finite, got {norm}")
+    factors = [torch.randn(1, d, rank, generator=generator, dtype=torch.float64) for d in dims]
+    current = float(cp_frobenius_norm(factors)[0])
+    scale = (norm / current) ** (1.0 / len(dims))
+    return CPTensor([(f * scale).to(dtype) for f in factors])
+
+
+def sample_indices(
+    dims: Sequence[int], m: int, *, generator: torch.Generator
+) -> Tensor:
+    """``m`` distinct index tuples drawn uniformly without replacement, shape ``(m, N)``.
+
+    Refuses ``m`` larger than the number of entries.  For small tensors a
+    permutation is drawn; for large ones tuples are drawn and de-duplicated
+    until ``m`` distinct ones remain (order of first draw kept).
+    """
+    dims = [int(d) for d in dims]
+    size = math.prod(dims)
+    if m < 1:
+        raise ValueError(f"the number of observations must be positive, got {m}")
+    if m > size:
+        raise ValueError(
+            f"cannot observe {m} distinct entries of a tensor with only {size} entries"
+        )
+    if size <= 1 << 24:
+        lin = torch.randperm(size, generator=generator)[:m]
+        return torch.stack(torch.unravel_index(lin, dims), dim=1)
+    chosen = torch.empty(0, len(dims), dtype=torch.int64)
+    while chosen.shape[0] < m:
+        need = m - chosen.shape[0]
+        draw = torch.stack(
+            [torch.randint(0, d, (need + need // 8 + 16,), generator=generator) for d in dims],
+            dim=1,
+        )
+        allx = torch.cat([chosen, draw])
+        _, inverse = torch.unique(allx, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), allx.shape[0], dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(allx.shape[0]), reduce="amin")
+        keep = torch.sort(first).values
+        chosen = allx[keep][:m]
+    return chosen
+
+
+@dataclass
+class Completion:
+    """Tensor completion: values ``y`` of the ground truth at index tuples ``idx``."""
+
+    truth: CPTensor
+    idx: Tensor
+    y: Tensor
+
+    @property
+    def m(self) -> int:
+        return self.idx.shape[0]
+
+
+def completion_problem(
+    truth: CPTensor, m: int, *, generator: torch.Generator
+) -> Completion:
+    """Observe ``m`` entries of ``truth`` drawn uniformly without replacement."""
+    idx = sample_indices(truth.dims, m, generator=generator)
+    return Completion(truth, idx, truth.values(idx))
+
+
+@dataclass
+class Sensing:
+    """Tensor sensing ``y_i = <X_i, W*>``.
+
+    ``measurements`` is the ``m x prod(dims)`` matrix whose rows are the
+    flattened ``X_i`` (kind ``gaussian``), or ``vectors`` holds ``N`` matrices
+    ``(m, d_n)`` with ``X_i = x_i^1 (x) ... (x) x_i^N`` (kind ``rank_one``).
+    """
+
+    truth: CPTensor
+    kind: str
+    y: Tensor
+    measurements: Tensor | None = None
+    vectors: list[Tensor] | None = None
+
+    @property
+    def m(self) -> int:
+        return self.y.shape[0]
+
+
+def sensing_problem(
+    truth: CPTensor, m: int, *, kind: str, generator: torch.Generator
+) -> Sensing:
+    """Gaussian sensing: entries of ``X_i`` i.i.d. with variance ``1 / #entries`` (REFERENCE §1).
+
+    ``kind='gaussian'``: dense ``X_i`` (needs ``m x #entries`` numbers).
+    ``kind='rank_one'``: ``X_i = x_i^1 (x) ... (x) x_i^N`` with ``x_i^n ~ N(0, I/d_n)``,
+    so each entry of ``X_i`` also has variance ``1/#entries``; never built.
+    """
+    if m < 1:
+        raise ValueError(f"the number of measurements must be positive, got {m}")
+    dtype = truth.factors[0].dtype
+    if kind == "gaussian":
+        size = truth.size
+        x = torch.randn(m, size, generator=generator, dtype=dtype) / math.sqrt(size)
+        y = x @ truth.dense().reshape(-1)
+        return Sensing(truth, kind, y, measurements=x)
+    if kind == "rank_one":
+        vecs = [
+            torch.randn(m, d, generator=generator, dtype=dtype) / math.sqrt(d) for d in truth.dims
+        ]
+        prod = None
+        for v, f in zip(vecs, truth.factors):
+            c = v @ f[0]
+            prod = c if prod is None else prod * c
+        assert prod is not None
+        return Sensing(truth, kind, prod.sum(-1), vectors=vecs)
+    raise ValueError(f"unknown measurement kind {kind!r}; use 'gaussian' or 'rank_one'")
