@@ -94,8 +94,11 @@ def train(
     """Run until every run has stopped or ``interrupt`` is raised.
 
     At iteration ``t`` (parameters after ``t`` steps) the loss and gradients are
-    computed, the metrics recorded when due (``train_loss`` plus ``evaluate``),
-    the stop rule updated, and active runs take a step.  Returns the final state
+    computed, the stop rule updated, the metrics recorded when due
+    (``train_loss`` plus ``evaluate``) and the running runs take a step.  The
+    optimizer must provide ``compact(keep)``, dropping the state of runs that
+    stopped (``keep`` lists the positions, within the running sub-batch, of the
+    runs that go on).  Returns the final state
     and whether the loop was interrupted (then the state is ready to checkpoint).
     """
     params = list(params)
@@ -111,12 +114,24 @@ def train(
     t = state.iteration
     interrupted = False
     last_shown = t
-    while True:
+    # Runs still running are stepped as one compact sub-batch ``work``; stopped
+    # runs drop out of the vectorized pass (their parameters are frozen anyway).
+    run_idx = [b for b in range(batch) if status[b] == "running"]
+    work = params if len(run_idx) == batch else [p[run_idx].clone() for p in params]
+
+    def write_back() -> None:
+        if work is not params and run_idx:
+            for p, w in zip(params, work):
+                p[run_idx] = w
+
+    while run_idx:
         if interrupt is not None and interrupt.is_set():
             interrupted = True
             break
-        loss, grads = loss_and_grad(params)
-        loss_list = loss.tolist()
+        loss, grads = loss_and_grad(work)
+        loss_list = [float("nan")] * batch
+        for j, value in enumerate(loss.tolist()):
+            loss_list[run_idx[j]] = value
         before = list(status)
         msgs = stop.update(state.stop, t, loss_list)
         for msg in msgs:
@@ -125,6 +140,7 @@ def train(
                 on_message(msg)
         just_stopped = any(a != b for a, b in zip(before, status))
         if recorder.should_log(t) or just_stopped:
+            write_back()
             values = {"train_loss": np.asarray(loss_list, dtype=np.float64)}
             values.update(evaluate(params))
             done = [b for b, st in enumerate(before) if st != "running"]
@@ -141,11 +157,18 @@ def train(
                 progress.set_postfix(info, refresh=False)
                 progress.update(t - last_shown)
                 last_shown = t
-        running = [s == "running" for s in status]
-        if not any(running):
-            break
-        optimizer.step(params, grads, torch.tensor(running))
+        if just_stopped:
+            write_back()
+            keep = [j for j, b in enumerate(run_idx) if status[b] == "running"]
+            run_idx = [run_idx[j] for j in keep]
+            if not run_idx:
+                break
+            work = [w[keep].clone() for w in work]
+            grads = [g[keep] for g in grads]
+            optimizer.compact(keep)
+        optimizer.step(work, grads, torch.ones(len(run_idx), dtype=torch.bool))
         t += 1
+    write_back()
     if progress is not None:
         progress.update(t - last_shown)
     state.iteration = t

@@ -50,8 +50,11 @@ DENSE_SENSING_MAX = 250_000_000  # numbers in the m x P measurement matrix
 class TensorDynamicsConfig:
     """Settings of the CP dynamics experiment; defaults are the paper's Figure 3 (REFERENCE §1).
 
-    ``max_iterations`` defaults to 15000 (the published plot spans 13k); the
-    paper's own cap is 1e6 (``--set max_iterations=1000000``).
+    Runs stop at the paper's rule (train loss below ``tol`` for ``patience``
+    checks every ``check_every`` iterations).  ``max_iterations`` defaults to
+    1e5, which every seed 0-9 of ``tf-dynamics`` needed less of (the slowest,
+    about 34k iterations); the paper's own cap is 1e6.  The default seed is 3:
+    see the README for what seeds 0-9 give.
     """
 
     dims: tuple[int, ...] = (10, 10, 10, 10)
@@ -71,7 +74,7 @@ class TensorDynamicsConfig:
     tol: float = 1e-8
     patience: int = 51
     check_every: int = 25
-    max_iterations: int = 15000
+    max_iterations: int = 100_000
     log_every: int = 25
     max_records: int = 4000
     top_k: int = 10
@@ -80,7 +83,7 @@ class TensorDynamicsConfig:
     dtype: str = "float32"
     recon_sample: int = 100_000
     dense_max: int = 1 << 22
-    seed: int = 0
+    seed: int = 3
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first problem found."""
@@ -229,6 +232,7 @@ def run(
     """
     prep = prepared if prepared is not None else prepare(cfg)
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps)
     stop = StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations)
     recorder = Recorder(log_every=cfg.log_every, max_records=cfg.max_records)
@@ -304,7 +308,7 @@ def write_metrics(run_dir: Path, cfg: TensorDynamicsConfig, recorder: Recorder) 
     with atomic_path(run_dir / "component_norms.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, iterations=its, norms=arrays["component_norms"],
-                                init_stds=np.asarray(cfg.init_stds))
+                                init_stds=np.asarray(cfg.init_stds), top_k=cfg.top_k)
 
 
 def summarize(cfg: TensorDynamicsConfig, recorder: Recorder, state: TrainState) -> dict:
@@ -363,15 +367,12 @@ def plot(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from implreg.runs import CONFIG, read_json
-
     run_dir = Path(run_dir)
-    cfg = read_json(run_dir / CONFIG)["config"]
     data = np.load(run_dir / "component_norms.npz")
     its, norms, stds = data["iterations"], data["norms"], data["init_stds"]
     with open(run_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    top_k = int(cfg.get("top_k", 10))
+    top_k = int(data["top_k"])
     paths = []
     nb = len(stds)
     fig, axes = plt.subplots(1, nb + 1, figsize=(4.2 * (nb + 1), 3.4), squeeze=False)

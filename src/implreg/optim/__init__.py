@@ -50,6 +50,9 @@ class GD:
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
         _apply(params, [g * self.lr for g in grads], active)
 
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only the runs at positions ``keep`` (GD has no state)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -101,6 +104,12 @@ class AdaptiveGD:
                 e = torch.tensor([e if a else 0.0 for e, a in zip(eta, act)], dtype=g.dtype)
                 p.addcmul_(g, _per_run(e, g), value=-1.0)
 
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only the state of the runs at positions ``keep``."""
+        if self.v:
+            self.v = [self.v[i] for i in keep]
+            self.t = [self.t[i] for i in keep]
+
     def state_dict(self) -> dict:
         return {"v": list(self.v), "t": list(self.t)}
 
@@ -138,6 +147,13 @@ class Adam:
             v_hat = self.v[i] / _per_run(c2.clamp_min(1e-300), g)
             updates.append(self.lr * m_hat / (v_hat.sqrt() + self.eps))
         _apply(params, updates, active)
+
+    def compact(self, keep: Sequence[int]) -> None:
+        """Keep only the state of the runs at positions ``keep``."""
+        if self.m is not None and self.v is not None and self.t is not None:
+            self.m = [x[list(keep)] for x in self.m]
+            self.v = [x[list(keep)] for x in self.v]
+            self.t = self.t[list(keep)]
 
     def state_dict(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}
