@@ -166,3 +166,21 @@ def test_recorder_memory_is_bounded_and_keeps_early_and_forced_records():
 def test_presets_validate():
     for preset in PRESETS.values():
         preset.config.validate()
+
+
+def test_learned_components_rule():
+    its = np.array([0, 10, 20, 30])
+    norms = np.array(
+        [
+            [1e-4, 1e-4, 1e-4, 1e-4],
+            [1e-4, 0.5, 1e-4, 1e-4],
+            [1e-4, 0.6, 0.05, 1e-4],
+            [1e-4, 0.6, 0.3, 0.03],
+        ]
+    )
+    learned = learned_components(its, norms, fraction=0.1)
+    assert [c["component"] for c in learned] == [1, 2]
+    assert [c["left_zero_at"] for c in learned] == [10, 30]
+    # nothing grew: nothing was learned, however the tiny norms compare with each other
+    flat = np.full((3, 5), 1e-6) * np.array([1.0, 1.1, 1.2, 1.3, 1.4])
+    assert learned_components(its[:3], flat) == []

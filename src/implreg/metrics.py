@@ -83,20 +83,23 @@ class Recorder:
 
 
 def learned_components(
-    iterations: np.ndarray, norms: np.ndarray, *, fraction: float = 0.1
+    iterations: np.ndarray, norms: np.ndarray, *, fraction: float = 0.1, growth: float = 10.0
 ) -> list[dict]:
     """Components that left zero, in the order they did.
 
     ``norms`` is ``(T, R)``: one run's component norms over time, columns being
     component identities.  A component counts as learned when its final norm
-    exceeds ``fraction`` times the largest final norm; it left zero at the first
-    recorded iteration where its norm reached that threshold.
+    exceeds ``fraction`` times the largest final norm and ``growth`` times the
+    largest norm at the first record (so that a run in which nothing grew has
+    learned nothing); it left zero at the first recorded iteration where its
+    norm reached that threshold.
     """
-    final = norms[-1]
+    final = np.nan_to_num(norms[-1], nan=0.0)
     top = float(np.max(final)) if final.size else 0.0
     if not (top > 0 and math.isfinite(top)):
         return []
-    threshold = fraction * top
+    start = float(np.nanmax(norms[0])) if norms.shape[0] else 0.0
+    threshold = max(fraction * top, growth * start)
     out = []
     for r in np.flatnonzero(final > threshold):
         hit = np.flatnonzero(norms[:, r] >= threshold)

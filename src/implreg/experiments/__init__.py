@@ -56,10 +56,14 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "tf-order",
-            "order-3 completion (modes of size 10), ground-truth rank 3, R = 100, 500 entries",
+            "order-3 completion (modes of size 10), ground-truth rank 3, R = 100, 500 entries, "
+            "30k iterations",
             "Razin et al. 2021, Appendix B (other orders and ranks)",
             tensor_dynamics,
-            dataclasses.replace(_TD, dims=(10, 10, 10), gt_rank=3, rank=100, num_observations=500),
+            dataclasses.replace(
+                _TD, dims=(10, 10, 10), gt_rank=3, rank=100, num_observations=500,
+                max_iterations=30000,
+            ),
         ),
     ]
 }

@@ -348,7 +348,9 @@ def summary_text(summary: dict) -> str:
     """The end-of-run summary printed by the CLI."""
     lines = []
     for r in summary["runs"]:
-        when = ", ".join(str(c["left_zero_at"]) for c in r["learned"])
+        when = ", ".join(str(c["left_zero_at"]) for c in r["learned"][:10])
+        if len(r["learned"]) > 10:
+            when += ", ..."
         ratio = r["next_largest_over_smallest_learned"]
         lines.append(
             f"init std {r['init_std']:g}: {r['n_learned']} components left zero"
