@@ -60,7 +60,9 @@ def _worker(kind: str, seconds: float, table_max: int, chunk: int, q) -> None:
                     prod = prod * params[n][sub[:, n]]
                 ((prod.sum(-1) - y[s : s + chunk]) ** 2).sum().div(M).backward()
             with torch.no_grad():
-                opt.step([p.unsqueeze(0) for p in params], [p.grad.unsqueeze(0) for p in params], active)
+                opt.step(
+                    [p.unsqueeze(0) for p in params], [p.grad.unsqueeze(0) for p in params], active
+                )
 
     step()
     n, start = 0, time.perf_counter()

@@ -110,14 +110,20 @@ def main() -> None:
     r_gemm = rate(gemms, args.seconds)
     print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
     print(f"reference (autograd, full einsum, masked MSE): {r_ref:9.1f} it/s")
-    print(f"implreg dense step                           : {r_dense:9.1f} it/s  "
-          f"ratio {r_dense / r_ref:6.1f}x  target >= 1500 it/s: "
-          f"{'MET' if r_dense >= 1500 else 'NOT MET'}")
-    print(f"implreg dense step, 3 inits batched          : {r_batch:9.1f} steps/s "
-          f"= {3 * r_batch:.1f} run-iterations/s")
+    print(
+        f"implreg dense step                           : {r_dense:9.1f} it/s  "
+        f"ratio {r_dense / r_ref:6.1f}x  target >= 1500 it/s: "
+        f"{'MET' if r_dense >= 1500 else 'NOT MET'}"
+    )
+    print(
+        f"implreg dense step, 3 inits batched          : {r_batch:9.1f} steps/s "
+        f"= {3 * r_batch:.1f} run-iterations/s"
+    )
     print(f"implreg gather step (same problem)           : {r_gather:9.1f} it/s")
-    print(f"GEMM-only bound (3 GEMMs)                    : {r_gemm:9.1f} it/s  "
-          f"dense step reaches {r_dense / r_gemm:.0%} of it")
+    print(
+        f"GEMM-only bound (3 GEMMs)                    : {r_gemm:9.1f} it/s  "
+        f"dense step reaches {r_dense / r_gemm:.0%} of it"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def reference_rate(cfg: td.TensorDynamicsConfig, iterations: int) -> float:
         w = torch.einsum("ir,jr,kr,lr->ijkl", *params)
         ((((w - target) * mask) ** 2).sum() / eng.m).backward()
         with torch.no_grad():
-            opt.step([p.unsqueeze(0) for p in params], [p.grad.unsqueeze(0) for p in params], active)
+            opt.step(
+                [p.unsqueeze(0) for p in params], [p.grad.unsqueeze(0) for p in params], active
+            )
     return iterations / (time.perf_counter() - start)
 
 
@@ -63,11 +65,15 @@ def main() -> None:
     ref = reference_rate(cfg, args.reference_iterations)
     ref_wall = run_its / ref
     print(td.summary_text(summary))
-    print(f"implreg tf-dynamics: {wall:.1f} s wall for {run_its} run-iterations "
-          f"({run_its / wall:.0f} run-iterations/s), target <= 60 s: "
-          f"{'MET' if wall <= 60 else 'NOT MET'}")
-    print(f"reference (autograd, full einsum, one init at a time): {ref:.0f} it/s, "
-          f"so about {ref_wall:.0f} s for the same iterations; ratio {ref_wall / wall:.1f}x")
+    print(
+        f"implreg tf-dynamics: {wall:.1f} s wall for {run_its} run-iterations "
+        f"({run_its / wall:.0f} run-iterations/s), target <= 60 s: "
+        f"{'MET' if wall <= 60 else 'NOT MET'}"
+    )
+    print(
+        f"reference (autograd, full einsum, one init at a time): {ref:.0f} it/s, "
+        f"so about {ref_wall:.0f} s for the same iterations; ratio {ref_wall / wall:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +16,19 @@ from implreg.cli import main
 from implreg.experiments import PRESETS
 
 SMALL = [
-    "--set", "dims=4,4,4", "--set", "rank=20", "--set", "gt_rank=2",
-    "--set", "num_observations=40", "--set", "max_iterations=200",
-    "--set", "init_stds=0.1,0.05", "--no-progress",
+    "--set",
+    "dims=4,4,4",
+    "--set",
+    "rank=20",
+    "--set",
+    "gt_rank=2",
+    "--set",
+    "num_observations=40",
+    "--set",
+    "max_iterations=200",
+    "--set",
+    "init_stds=0.1,0.05",
+    "--no-progress",
 ]
 
 
@@ -52,7 +61,10 @@ def test_run_writes_a_complete_run_folder(tmp_path, capsys):
     assert (out / "figure.png").exists()
     # redo from config.json gives the same numbers
     again = tmp_path / "again"
-    assert main(["run", "--config", str(out / "config.json"), "--out", str(again), "--no-progress"]) == 0
+    assert (
+        main(["run", "--config", str(out / "config.json"), "--out", str(again), "--no-progress"])
+        == 0
+    )
     assert (again / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
 
 
@@ -115,17 +127,40 @@ def _cli(*args: str) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_checkpoint_and_resume_is_bit_identical(tmp_path, sig):
     long = [
-        "--set", "dims=6,6,6,6", "--set", "rank=60", "--set", "gt_rank=3",
-        "--set", "num_observations=400", "--set", "max_iterations=6000", "--set", "tol=0",
-        "--set", "init_stds=0.05,0.01", "--set", "log_every=10", "--no-progress",
+        "--set",
+        "dims=6,6,6,6",
+        "--set",
+        "rank=60",
+        "--set",
+        "gt_rank=3",
+        "--set",
+        "num_observations=400",
+        "--set",
+        "max_iterations=6000",
+        "--set",
+        "tol=0",
+        "--set",
+        "init_stds=0.05,0.01",
+        "--set",
+        "log_every=10",
+        "--no-progress",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     ref = tmp_path / "ref"
-    subprocess.run(_cli("run", "tf-dynamics", *long, "--out", str(ref)), check=True,
-                   env=env, capture_output=True)
+    subprocess.run(
+        _cli("run", "tf-dynamics", *long, "--out", str(ref)),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cli("run", "tf-dynamics", *long, "--out", str(cut)), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli("run", "tf-dynamics", *long, "--out", str(cut)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("run folder:")
     time.sleep(1.0)
@@ -134,8 +169,9 @@ def test_signal_writes_checkpoint_and_resume_is_bit_identical(tmp_path, sig):
     assert proc.returncode == 128 + sig, err
     assert "Resume with: implreg run --resume" in err
     assert (cut / "checkpoint.pt").exists() and not (cut / "summary.json").exists()
-    done = subprocess.run(_cli("run", "--resume", str(cut), "--no-progress"), env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        _cli("run", "--resume", str(cut), "--no-progress"), env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert (cut / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
     a, b = np.load(ref / "component_norms.npz"), np.load(cut / "component_norms.npz")

@@ -14,8 +14,13 @@ from implreg.experiments import tensor_dynamics as td
 from implreg.metrics import Recorder, learned_components, top_components
 
 TINY = td.TensorDynamicsConfig(
-    dims=(4, 4, 4), gt_rank=2, rank=20, num_observations=40, init_stds=(0.1, 0.05),
-    max_iterations=150, dtype="float64",
+    dims=(4, 4, 4),
+    gt_rank=2,
+    rank=20,
+    num_observations=40,
+    init_stds=(0.1, 0.05),
+    max_iterations=150,
+    dtype="float64",
 )
 
 
@@ -99,10 +104,27 @@ def test_huber_run_converges(tmp_path):
 
 def test_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path, capsys):
     argv = [
-        "run", "tf-dynamics", "--set", "dims=4,4,4", "--set", "rank=20", "--set", "gt_rank=2",
-        "--set", "num_observations=40", "--set", "init_stds=1,0.001", "--set", "optimizer=gd",
-        "--set", "lr=1e6", "--set", "max_iterations=50", "--no-progress",
-        "--out", str(tmp_path / "r"),
+        "run",
+        "tf-dynamics",
+        "--set",
+        "dims=4,4,4",
+        "--set",
+        "rank=20",
+        "--set",
+        "gt_rank=2",
+        "--set",
+        "num_observations=40",
+        "--set",
+        "init_stds=1,0.001",
+        "--set",
+        "optimizer=gd",
+        "--set",
+        "lr=1e6",
+        "--set",
+        "max_iterations=50",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
     ]
     assert main(argv) == 1
     out = capsys.readouterr().out
@@ -149,6 +171,11 @@ def test_stopped_runs_drop_out_and_are_recorded_as_nan(tmp_path):
     for b, s in enumerate(stops):
         assert np.isfinite(norms[its <= s, b]).all()
         assert np.isnan(norms[its > s, b]).all()
+        # the plotted top components of a stopped run are its learned components
+        its_b, norms_b = td.trajectories(its, norms, b)
+        assert its_b[-1] == s
+        learned = {c["component"] for c in out["summary"]["runs"][b]["learned"]}
+        assert learned <= set(top_components(norms_b, len(learned)).tolist())
 
 
 def test_recorder_memory_is_bounded_and_keeps_early_and_forced_records():

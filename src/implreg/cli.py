@@ -17,7 +17,15 @@ from pathlib import Path
 
 from implreg.experiments import EXPERIMENTS, PRESETS, get_preset
 from implreg.experiments.config import ConfigError, from_mapping, to_mapping, with_overrides
-from implreg.runs import CHECKPOINT, CONFIG, SUMMARY, create_run_dir, read_json, versions, write_json
+from implreg.runs import (
+    CHECKPOINT,
+    CONFIG,
+    SUMMARY,
+    create_run_dir,
+    read_json,
+    versions,
+    write_json,
+)
 from implreg.training import Interrupt
 
 
@@ -35,13 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the presets and the figures they reproduce")
     run = sub.add_parser("run", help="run a preset (or resume / redo a run folder)")
     run.add_argument("preset", nargs="?", help="preset name (see `implreg list`)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a configuration value (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration value (repeatable)",
+    )
     run.add_argument("--out", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
     run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
-    run.add_argument("--config", type=Path, metavar="CONFIG_JSON",
-                     help="redo the run described by a run folder's config.json")
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="CONFIG_JSON",
+        help="redo the run described by a run folder's config.json",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     plot = sub.add_parser("plot", help="redraw the figures of a run folder")
     plot.add_argument("run_dir", type=Path)
@@ -66,12 +84,14 @@ def _resolve(args) -> tuple[str, str, object]:
         module = EXPERIMENTS.get(saved.get("experiment", ""))
         if module is None:
             raise UsageError(f"{args.config} names no known experiment")
-        cfg = from_mapping(module.TensorDynamicsConfig, saved["config"])
+        cfg = from_mapping(module.Config, saved["config"])
         preset_name = saved.get("preset", saved["experiment"])
         experiment = saved["experiment"]
     else:
         if not args.preset:
-            raise UsageError("name a preset to run (see `implreg list`), or use --resume / --config")
+            raise UsageError(
+                "name a preset to run (see `implreg list`), or use --resume / --config"
+            )
         preset = get_preset(args.preset)
         cfg = preset.config
         preset_name, experiment = preset.name, preset.experiment
@@ -95,7 +115,7 @@ def _cmd_run(args) -> int:
         saved = read_json(run_dir / CONFIG)
         experiment = saved["experiment"]
         module = EXPERIMENTS[experiment]
-        cfg = from_mapping(module.TensorDynamicsConfig, saved["config"])
+        cfg = from_mapping(module.Config, saved["config"])
         prepared = module.prepare(cfg)
         resume = True
     else:
@@ -111,20 +131,29 @@ def _cmd_run(args) -> int:
             create_run_dir(run_dir)
         except FileExistsError as exc:
             raise UsageError(str(exc)) from None
-        write_json(run_dir / CONFIG, {
-            "preset": preset_name,
-            "experiment": experiment,
-            "config": to_mapping(cfg),
-            "seed": cfg.seed,
-            "versions": versions(),
-            "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        })
+        write_json(
+            run_dir / CONFIG,
+            {
+                "preset": preset_name,
+                "experiment": experiment,
+                "config": to_mapping(cfg),
+                "seed": cfg.seed,
+                "versions": versions(),
+                "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            },
+        )
         resume = False
     print(f"run folder: {run_dir}", flush=True)
     with Interrupt() as stop:
         try:
-            result = module.run(cfg, run_dir, prepared=prepared, resume=resume,
-                                progress=not args.no_progress, interrupt=stop)
+            result = module.run(
+                cfg,
+                run_dir,
+                prepared=prepared,
+                resume=resume,
+                progress=not args.no_progress,
+                interrupt=stop,
+            )
         except BaseException:
             if not resume and not (run_dir / CHECKPOINT).exists():
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -35,7 +35,9 @@ class Recorder:
     def should_log(self, iteration: int) -> bool:
         return iteration % self.every == 0 or iteration in self.early
 
-    def record(self, iteration: int, values: dict[str, np.ndarray], *, forced: bool = False) -> None:
+    def record(
+        self, iteration: int, values: dict[str, np.ndarray], *, forced: bool = False
+    ) -> None:
         if self.iterations and self.iterations[-1] == iteration:
             return
         self.iterations.append(int(iteration))
@@ -48,8 +50,7 @@ class Recorder:
     def _thin(self) -> None:
         every = 2 * self.every
         keep = [
-            f or it in self.early or it % every == 0
-            for it, f in zip(self.iterations, self.forced)
+            f or it in self.early or it % every == 0 for it, f in zip(self.iterations, self.forced)
         ]
         self.iterations = [x for x, k in zip(self.iterations, keep) if k]
         self.forced = [x for x, k in zip(self.forced, keep) if k]
@@ -110,7 +111,7 @@ def learned_components(
                 "left_zero_at": int(iterations[hit[0]]) if hit.size else None,
             }
         )
-    out.sort(key=lambda d: (d["left_zero_at"] if d["left_zero_at"] is not None else 1 << 62))
+    out.sort(key=lambda d: d["left_zero_at"] if d["left_zero_at"] is not None else 1 << 62)
     return out
 
 

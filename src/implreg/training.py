@@ -89,7 +89,7 @@ def train(
     interrupt: Interrupt | None = None,
     progress=None,
     describe: Callable[[dict[str, np.ndarray]], dict] | None = None,
-    on_message: Callable[[str], None] | None = None,
+    on_message: Callable[[int, str], None] | None = None,
 ) -> tuple[TrainState, bool]:
     """Run until every run has stopped or ``interrupt`` is raised.
 
@@ -134,10 +134,10 @@ def train(
             loss_list[run_idx[j]] = value
         before = list(status)
         msgs = stop.update(state.stop, t, loss_list)
-        for msg in msgs:
-            state.messages.append(msg)
+        for b, msg in msgs:
+            state.messages.append(f"run {b}: {msg}")
             if on_message is not None:
-                on_message(msg)
+                on_message(b, msg)
         just_stopped = any(a != b for a, b in zip(before, status))
         if recorder.should_log(t) or just_stopped:
             write_back()

@@ -61,7 +61,11 @@ PRESETS: dict[str, Preset] = {
             "Razin et al. 2021, Appendix B (other orders and ranks)",
             tensor_dynamics,
             dataclasses.replace(
-                _TD, dims=(10, 10, 10), gt_rank=3, rank=100, num_observations=500,
+                _TD,
+                dims=(10, 10, 10),
+                gt_rank=3,
+                rank=100,
+                num_observations=500,
                 max_iterations=30000,
             ),
         ),

@@ -101,9 +101,7 @@ def with_overrides(cfg: C, pairs: Iterable[str]) -> C:
         key, value = pair.split("=", 1)
         key = key.strip()
         if key not in types_:
-            raise ConfigError(
-                f"unknown key {key!r}; known keys: {', '.join(sorted(types_))}"
-            )
+            raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(sorted(types_))}")
         changes[key] = _coerce(types_[key], value, key)
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
 

@@ -88,7 +88,10 @@ class TensorDynamicsConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first problem found."""
         require(len(self.dims) >= 2, f"dims needs an order of at least 2, got {list(self.dims)}")
-        require(all(d >= 1 for d in self.dims), f"every mode size must be positive, got {list(self.dims)}")
+        require(
+            all(d >= 1 for d in self.dims),
+            f"every mode size must be positive, got {list(self.dims)}",
+        )
         require(self.gt_rank >= 1, f"gt_rank must be positive, got {self.gt_rank}")
         require(self.gt_norm > 0, f"gt_norm must be positive, got {self.gt_norm}")
         require(self.rank >= 1, f"rank must be positive, got {self.rank}")
@@ -97,17 +100,24 @@ class TensorDynamicsConfig:
             all(s > 0 and math.isfinite(s) for s in self.init_stds),
             f"every init std must be positive, got {list(self.init_stds)}",
         )
-        require(self.task in {"completion", "sensing"}, f"task must be 'completion' or 'sensing', got {self.task!r}")
+        require(
+            self.task in {"completion", "sensing"},
+            f"task must be 'completion' or 'sensing', got {self.task!r}",
+        )
         require(
             self.measurement in {"gaussian", "rank_one"},
             f"measurement must be 'gaussian' or 'rank_one', got {self.measurement!r}",
         )
         size = math.prod(self.dims)
-        require(self.num_observations >= 1, f"num_observations must be positive, got {self.num_observations}")
+        require(
+            self.num_observations >= 1,
+            f"num_observations must be positive, got {self.num_observations}",
+        )
         if self.task == "completion":
             require(
                 self.num_observations <= size,
-                f"num_observations={self.num_observations} is larger than the tensor's {size} entries",
+                f"num_observations={self.num_observations} is larger than "
+                f"the tensor's {size} entries",
             )
         elif self.measurement == "gaussian":
             require(
@@ -117,7 +127,10 @@ class TensorDynamicsConfig:
             )
         require(self.loss in {"l2", "huber"}, f"loss must be 'l2' or 'huber', got {self.loss!r}")
         if self.loss == "huber":
-            require(self.huber_delta > 0, f"the huber loss needs huber_delta > 0, got {self.huber_delta}")
+            require(
+                self.huber_delta > 0,
+                f"the huber loss needs huber_delta > 0, got {self.huber_delta}",
+            )
         require(
             self.optimizer in {"adaptive", "gd", "adam"},
             f"optimizer must be 'adaptive', 'gd' or 'adam', got {self.optimizer!r}",
@@ -127,17 +140,30 @@ class TensorDynamicsConfig:
         require(self.tol >= 0, f"tol must be non-negative, got {self.tol}")
         require(self.patience >= 1, f"patience must be positive, got {self.patience}")
         require(self.check_every >= 1, f"check_every must be positive, got {self.check_every}")
-        require(self.max_iterations >= 1, f"max_iterations must be positive, got {self.max_iterations}")
+        require(
+            self.max_iterations >= 1, f"max_iterations must be positive, got {self.max_iterations}"
+        )
         require(self.log_every >= 1, f"log_every must be positive, got {self.log_every}")
         require(self.max_records >= 4, f"max_records must be at least 4, got {self.max_records}")
         require(self.top_k >= 1, f"top_k must be positive, got {self.top_k}")
-        require(0 < self.learned_fraction < 1, f"learned_fraction must lie in (0, 1), got {self.learned_fraction}")
-        require(self.method in {"auto", "dense", "gather"}, f"method must be 'auto', 'dense' or 'gather', got {self.method!r}")
+        require(
+            0 < self.learned_fraction < 1,
+            f"learned_fraction must lie in (0, 1), got {self.learned_fraction}",
+        )
+        require(
+            self.method in {"auto", "dense", "gather"},
+            f"method must be 'auto', 'dense' or 'gather', got {self.method!r}",
+        )
         require(self.dtype in DTYPES, f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         require(self.recon_sample >= 1, f"recon_sample must be positive, got {self.recon_sample}")
         require(self.dense_max >= 1, f"dense_max must be positive, got {self.dense_max}")
         if self.task == "sensing" and self.measurement == "gaussian" and self.method == "gather":
-            raise ConfigError("method=gather applies to completion; dense Gaussian sensing is dense")
+            raise ConfigError(
+                "method=gather applies to completion; dense Gaussian sensing is dense"
+            )
+
+
+Config = TensorDynamicsConfig
 
 
 @dataclass
@@ -241,15 +267,19 @@ def run(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_iterations, initial=state.iteration if state else 0,
-                   unit="it", dynamic_ncols=True, desc="iteration")
+        bar = tqdm(
+            total=cfg.max_iterations,
+            initial=state.iteration if state else 0,
+            unit="it",
+            dynamic_ncols=True,
+            desc="iteration",
+        )
     labels = [f"init std {s:g}" for s in cfg.init_stds]
     start = time.perf_counter()
     start_it = state.iteration if state else 0
 
-    def on_message(msg: str) -> None:
-        b = int(msg.split()[1].rstrip(":"))
-        log(f"{labels[b]}: {msg.split(':', 1)[1].strip()}")
+    def on_message(b: int, msg: str) -> None:
+        log(f"{labels[b]}: {msg}")
 
     threshold = cfg.learned_fraction * prep.truth_norm / cfg.gt_rank
     try:
@@ -273,10 +303,17 @@ def run(
     write_metrics(run_dir, cfg, recorder)
     if interrupted:
         save_checkpoint(run_dir, state.to_dict())
-        return {"interrupted": True, "summary": None, "exit_code": 130, "iteration": state.iteration}
+        return {
+            "interrupted": True,
+            "summary": None,
+            "exit_code": 130,
+            "iteration": state.iteration,
+        }
     summary = summarize(cfg, recorder, state)
     summary["wall_seconds_this_session"] = elapsed
-    summary["iterations_per_second"] = (state.iteration - start_it) / elapsed if elapsed > 0 else None
+    summary["iterations_per_second"] = (
+        (state.iteration - start_it) / elapsed if elapsed > 0 else None
+    )
     write_json(run_dir / SUMMARY, summary)
     plot(run_dir)
     ckpt = run_dir / CHECKPOINT
@@ -296,19 +333,37 @@ def write_metrics(run_dir: Path, cfg: TensorDynamicsConfig, recorder: Recorder) 
     with atomic_path(run_dir / "metrics.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["iteration", "run", "init_std", "train_loss", "reconstruction_error", "unbalancedness"])
+            w.writerow(
+                [
+                    "iteration",
+                    "run",
+                    "init_std",
+                    "train_loss",
+                    "reconstruction_error",
+                    "unbalancedness",
+                ]
+            )
             for t, it in enumerate(its):
                 for b, std in enumerate(cfg.init_stds):
-                    w.writerow([
-                        int(it), b, std,
-                        repr(float(arrays["train_loss"][t, b])),
-                        repr(float(arrays["reconstruction_error"][t, b])),
-                        repr(float(arrays["unbalancedness"][t, b])),
-                    ])
+                    w.writerow(
+                        [
+                            int(it),
+                            b,
+                            std,
+                            repr(float(arrays["train_loss"][t, b])),
+                            repr(float(arrays["reconstruction_error"][t, b])),
+                            repr(float(arrays["unbalancedness"][t, b])),
+                        ]
+                    )
     with atomic_path(run_dir / "component_norms.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, iterations=its, norms=arrays["component_norms"],
-                                init_stds=np.asarray(cfg.init_stds), top_k=cfg.top_k)
+            np.savez_compressed(
+                fh,
+                iterations=its,
+                norms=arrays["component_norms"],
+                init_stds=np.asarray(cfg.init_stds),
+                top_k=cfg.top_k,
+            )
 
 
 def summarize(cfg: TensorDynamicsConfig, recorder: Recorder, state: TrainState) -> dict:
@@ -328,19 +383,21 @@ def summarize(cfg: TensorDynamicsConfig, recorder: Recorder, state: TrainState) 
             if 0 < n < final_sorted.size and final_sorted[n - 1] > 0
             else None
         )
-        runs.append({
-            "init_std": std,
-            "status": state.stop["status"][b],
-            "stopped_at": stopped,
-            "final_train_loss": float(arrays["train_loss"][upto, b][-1]),
-            "final_reconstruction_error": float(arrays["reconstruction_error"][upto, b][-1]),
-            "unbalancedness_init": float(arrays["unbalancedness"][0, b]),
-            "unbalancedness_final": float(arrays["unbalancedness"][upto, b][-1]),
-            "n_learned": n,
-            "learned": learned,
-            "next_largest_over_smallest_learned": ratio,
-            "top_final_norms": [float(x) for x in final_sorted[: cfg.top_k]],
-        })
+        runs.append(
+            {
+                "init_std": std,
+                "status": state.stop["status"][b],
+                "stopped_at": stopped,
+                "final_train_loss": float(arrays["train_loss"][upto, b][-1]),
+                "final_reconstruction_error": float(arrays["reconstruction_error"][upto, b][-1]),
+                "unbalancedness_init": float(arrays["unbalancedness"][0, b]),
+                "unbalancedness_final": float(arrays["unbalancedness"][upto, b][-1]),
+                "n_learned": n,
+                "learned": learned,
+                "next_largest_over_smallest_learned": ratio,
+                "top_final_norms": [float(x) for x in final_sorted[: cfg.top_k]],
+            }
+        )
     return {"iterations": state.iteration, "messages": list(state.messages), "runs": runs}
 
 
@@ -356,10 +413,17 @@ def summary_text(summary: dict) -> str:
             f"init std {r['init_std']:g}: {r['n_learned']} components left zero"
             + (f" (at iterations {when})" if when else "")
             + f"; final reconstruction error {r['final_reconstruction_error']:.4g}"
-            + f"; train loss {r['final_train_loss']:.3g}; {r['status']} at iteration {r['stopped_at']}"
+            + f"; train loss {r['final_train_loss']:.3g}"
+            + f"; {r['status']} at iteration {r['stopped_at']}"
             + (f"; next-largest/smallest learned norm {ratio:.3g}" if ratio is not None else "")
         )
     return "\n".join(lines)
+
+
+def trajectories(its: np.ndarray, norms: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of run ``b`` up to its stop (later records of a stopped run are NaN)."""
+    valid = np.isfinite(norms[:, b, :]).all(axis=1)
+    return its[valid], norms[valid, b, :]
 
 
 def plot(run_dir: Path) -> list[Path]:
@@ -374,22 +438,23 @@ def plot(run_dir: Path) -> list[Path]:
     its, norms, stds = data["iterations"], data["norms"], data["init_stds"]
     with open(run_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    top_k = int(data["top_k"])
+    top_k = int(data["top_k"]) if "top_k" in data else 10
     paths = []
     nb = len(stds)
     fig, axes = plt.subplots(1, nb + 1, figsize=(4.2 * (nb + 1), 3.4), squeeze=False)
     for b, std in enumerate(stds):
         ax = axes[0, b]
-        sel = top_components(norms[:, b, :], top_k)
+        its_b, norms_b = trajectories(its, norms, b)
+        sel = top_components(norms_b, top_k)
         for r in sel:
-            ax.plot(its, norms[:, b, r], lw=1.2)
+            ax.plot(its_b, norms_b[:, r], lw=1.2)
         ax.set_title(f"init std {std:g}: top {len(sel)} component norms")
         ax.set_xlabel("iteration")
         ax.set_ylabel("component norm")
         ax.grid(alpha=0.3)
         single, sax = plt.subplots(figsize=(4.8, 3.6))
         for r in sel:
-            sax.plot(its, norms[:, b, r], lw=1.2)
+            sax.plot(its_b, norms_b[:, r], lw=1.2)
         sax.set_title(f"init std {std:g}: top {len(sel)} component norms")
         sax.set_xlabel("iteration")
         sax.set_ylabel("component norm")

@@ -116,14 +116,18 @@ def khatri_rao_backward(factors: Sequence[Tensor], grad: Tensor) -> list[Tensor]
     if k == 2:
         a, b = factors
         return [(g * b.unsqueeze(1)).sum(2), (g * a.unsqueeze(2)).sum(1)]
-    letters = string.ascii_letters[: k]
+    letters = string.ascii_letters[:k]
     out = []
     for n in range(k):
         operands = [g] + [factors[j] for j in range(k) if j != n]
         spec = (
-            "Z" + letters + "Y,"
+            "Z"
+            + letters
+            + "Y,"
             + ",".join("Z" + letters[j] + "Y" for j in range(k) if j != n)
-            + "->Z" + letters[n] + "Y"
+            + "->Z"
+            + letters[n]
+            + "Y"
         )
         out.append(torch.einsum(spec, *operands))
     return out

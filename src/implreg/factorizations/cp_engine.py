@@ -136,7 +136,7 @@ class DenseCompletion(_Engine):
     def grad_from_end_gradient(
         self, factors: Sequence[Tensor], left: Tensor, right: Tensor | None, g_end: Tensor
     ) -> list[Tensor]:
-        """Factor gradients from the gradient ``g_end`` (``(B, P)``) with respect to the end tensor."""
+        """Factor gradients from ``g_end``, the loss gradient w.r.t. the end tensor (``(B, P)``)."""
         batch = g_end.shape[0]
         if right is None:
             d_left = g_end.reshape(batch, -1, 1).expand(-1, -1, left.shape[-1])
@@ -278,7 +278,7 @@ class RankOneSensing(_Engine):
 
 
 def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 << 24) -> str:
-    """``dense`` when three ``P x R``-sized GEMMs beat gathering ``m`` rows per group, else ``gather``.
+    """``dense`` when three ``P x R`` GEMMs beat gathering ``m`` rows per group, else ``gather``.
 
     The constants come from ``bench/bench_cp_step.py`` on a 2-core CPU: a GEMM
     flop costs about a tenth of a gathered, multiplied and scattered element.

@@ -90,7 +90,9 @@ class AdaptiveGD:
                 self.v[b] = self.beta * self.v[b] + (1.0 - self.beta) * s2
             t = max(self.t[b], 1)
             v_hat = self.v[b] / (1.0 - self.beta**t)
-            eta.append(self.lr / (math.sqrt(v_hat) + self.eps) if math.isfinite(v_hat) else math.nan)
+            eta.append(
+                self.lr / (math.sqrt(v_hat) + self.eps) if math.isfinite(v_hat) else math.nan
+            )
         return eta
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
@@ -122,9 +124,7 @@ class Adam:
 
     name = "adam"
 
-    def __init__(
-        self, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-    ):
+    def __init__(self, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.m: list[Tensor] | None = None
         self.v: list[Tensor] | None = None
@@ -196,8 +196,11 @@ class StopRule:
             "stopped_at": [None] * batch,
         }
 
-    def update(self, state: dict, iteration: int, loss: Sequence[float]) -> list[str]:
-        """Update ``state`` after ``iteration`` steps given each run's loss; return messages."""
+    def update(self, state: dict, iteration: int, loss: Sequence[float]) -> list[tuple[int, str]]:
+        """Update ``state`` after ``iteration`` steps given each run's loss.
+
+        Returns ``(run, message)`` pairs for runs stopped by a non-finite loss.
+        """
         msgs = []
         for b, value in enumerate(loss):
             if state["status"][b] != "running":
@@ -205,7 +208,7 @@ class StopRule:
             if not math.isfinite(value):
                 state["status"][b] = "diverged"
                 state["stopped_at"][b] = iteration
-                msgs.append(f"run {b}: the loss became {value} at iteration {iteration}; run stopped")
+                msgs.append((b, f"the loss became {value} at iteration {iteration}; run stopped"))
                 continue
             if iteration % self.check_every == 0:
                 state["streak"][b] = state["streak"][b] + 1 if value < self.tol else 0

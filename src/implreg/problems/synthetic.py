@@ -50,7 +50,7 @@ def low_cp_rank_tensor(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float64,
 ) -> CPTensor:
-    """Ground truth of CP rank ``rank``: factors i.i.d. N(0, 1), rescaled to Frobenius norm ``norm``.
+    """Ground truth of CP rank ``rank``: factors i.i.d. N(0, 1), rescaled to norm ``norm``.
 
     REFERENCE §1 (order 4, modes of size 10, rank 5, norm 1).  The rescaling is
     spread evenly over the factors and computed without building the tensor.
@@ -68,9 +68,7 @@ def low_cp_rank_tensor(
     return CPTensor([(f * scale).to(dtype) for f in factors])
 
 
-def sample_indices(
-    dims: Sequence[int], m: int, *, generator: torch.Generator
-) -> Tensor:
+def sample_indices(dims: Sequence[int], m: int, *, generator: torch.Generator) -> Tensor:
     """``m`` distinct index tuples drawn uniformly without replacement, shape ``(m, N)``.
 
     Refuses ``m`` larger than the number of entries.  For small tensors a
@@ -117,9 +115,7 @@ class Completion:
         return self.idx.shape[0]
 
 
-def completion_problem(
-    truth: CPTensor, m: int, *, generator: torch.Generator
-) -> Completion:
+def completion_problem(truth: CPTensor, m: int, *, generator: torch.Generator) -> Completion:
     """Observe ``m`` entries of ``truth`` drawn uniformly without replacement."""
     idx = sample_indices(truth.dims, m, generator=generator)
     return Completion(truth, idx, truth.values(idx))
@@ -145,9 +141,7 @@ class Sensing:
         return self.y.shape[0]
 
 
-def sensing_problem(
-    truth: CPTensor, m: int, *, kind: str, generator: torch.Generator
-) -> Sensing:
+def sensing_problem(truth: CPTensor, m: int, *, kind: str, generator: torch.Generator) -> Sensing:
     """Gaussian sensing: entries of ``X_i`` i.i.d. with variance ``1 / #entries`` (REFERENCE §1).
 
     ``kind='gaussian'``: dense ``X_i`` (needs ``m x #entries`` numbers).
