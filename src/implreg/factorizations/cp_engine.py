@@ -155,7 +155,7 @@ class DenseCompletion(_Engine):
         pred = w.reshape(batch, -1)[:, self.lin]
         val, dval = loss.pointwise(pred - self.y)
         g_end = w.new_zeros(batch, self.size)
-        g_end[:, self.lin] = dval / self.m
+        g_end.index_add_(1, self.lin, dval / self.m)  # accumulates repeated observations
         return val.mean(-1), self.grad_from_end_gradient(factors, left, right, g_end)
 
 

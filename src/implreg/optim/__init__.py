@@ -98,13 +98,14 @@ class AdaptiveGD:
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
         act = active.tolist()
         eta = self.step_sizes(grads, act)
-        for p, g in zip(params, grads):
-            if len(act) == 1:
-                if act[0]:
+        if len(act) == 1:
+            if act[0]:
+                for p, g in zip(params, grads):
                     p.add_(g, alpha=-eta[0])
-            else:
-                e = torch.tensor([e if a else 0.0 for e, a in zip(eta, act)], dtype=g.dtype)
-                p.addcmul_(g, _per_run(e, g), value=-1.0)
+            return
+        steps = torch.tensor([e if a else 0.0 for e, a in zip(eta, act)], dtype=torch.float64)
+        for p, g in zip(params, grads):
+            p.addcmul_(g, _per_run(steps, g), value=-1.0)
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only the state of the runs at positions ``keep``."""
