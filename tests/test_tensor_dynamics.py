@@ -48,7 +48,7 @@ def test_reduced_figure3_incremental_learning_and_ordering(tmp_path):
 
 def test_trajectories_track_component_identity(tmp_path):
     _run(TINY, tmp_path)
-    data = np.load(tmp_path / "component_norms.npz")
+    data = td.load_norms(tmp_path)
     norms = data["norms"]
     assert norms.shape[1:] == (2, 20)
     # the top components by final norm are followed over time, not re-sorted per record
@@ -84,7 +84,7 @@ def test_sensing_fits_the_measurements(tmp_path, measurement):
         TINY, task="sensing", measurement=measurement, num_observations=60, max_iterations=1500
     )
     out = _run(cfg, tmp_path)
-    its = np.load(tmp_path / "component_norms.npz")["iterations"]
+    its = td.load_norms(tmp_path)["iterations"]
     assert its[0] == 0
     for r in out["summary"]["runs"]:
         assert r["final_train_loss"] < 1e-3
@@ -157,7 +157,7 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, k):
     second = _run(cfg, cut, resume=True)
     assert not second["interrupted"]
     assert (cut / "metrics.csv").read_text() == (tmp_path / "ref" / "metrics.csv").read_text()
-    a, b = np.load(tmp_path / "ref" / "component_norms.npz"), np.load(cut / "component_norms.npz")
+    a, b = td.load_norms(tmp_path / "ref"), td.load_norms(cut)
     assert np.array_equal(a["norms"], b["norms"], equal_nan=True)
 
 
@@ -166,7 +166,7 @@ def test_stopped_runs_drop_out_and_are_recorded_as_nan(tmp_path):
     out = _run(cfg, tmp_path)
     stops = [r["stopped_at"] for r in out["summary"]["runs"]]
     assert all(s is not None for s in stops)
-    data = np.load(tmp_path / "component_norms.npz")
+    data = td.load_norms(tmp_path)
     its, norms = data["iterations"], data["norms"]
     for b, s in enumerate(stops):
         assert np.isfinite(norms[its <= s, b]).all()
@@ -211,3 +211,16 @@ def test_learned_components_rule():
     # nothing grew: nothing was learned, however the tiny norms compare with each other
     flat = np.full((3, 5), 1e-6) * np.array([1.0, 1.1, 1.2, 1.3, 1.4])
     assert learned_components(its[:3], flat) == []
+
+
+@pytest.mark.slow
+def test_full_figure3_preset(tmp_path):
+    """The whole tf-dynamics preset (about 20 s here): `pytest -m slow`."""
+    out = _run(PRESETS["tf-dynamics"].config, tmp_path)
+    runs = {r["init_std"]: r for r in out["summary"]["runs"]}
+    small = runs[0.005]
+    assert small["n_learned"] == 5
+    assert small["next_largest_over_smallest_learned"] < 0.01
+    errs = [runs[s]["final_reconstruction_error"] for s in (0.005, 0.01, 0.05)]
+    assert errs[0] < errs[1] < errs[2]
+    assert errs[0] <= 0.02

@@ -420,6 +420,12 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def load_norms(run_dir: Path) -> dict[str, np.ndarray]:
+    """The arrays of ``component_norms.npz`` (iterations, norms ``(T, B, R)``, init_stds, top_k)."""
+    with np.load(Path(run_dir) / "component_norms.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
 def trajectories(its: np.ndarray, norms: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Records of run ``b`` up to its stop (later records of a stopped run are NaN)."""
     valid = np.isfinite(norms[:, b, :]).all(axis=1)
@@ -434,7 +440,7 @@ def plot(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    data = np.load(run_dir / "component_norms.npz")
+    data = load_norms(run_dir)
     its, norms, stds = data["iterations"], data["norms"], data["init_stds"]
     with open(run_dir / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -1,0 +1,51 @@
+"""Shared strategies and helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+settings.register_profile(
+    "implreg", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("implreg")
+
+
+@st.composite
+def cp_shapes(draw, min_order: int = 1, max_order: int = 5, max_dim: int = 5):
+    """(dims, rank, batch) for a random CP factorization."""
+    order = draw(st.integers(min_order, max_order))
+    dims = draw(st.lists(st.integers(1, max_dim), min_size=order, max_size=order))
+    rank = draw(st.integers(1, 5))
+    batch = draw(st.sampled_from([1, 3]))
+    return dims, rank, batch
+
+
+def random_factors(dims, rank, batch, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, d, rank, generator=g, dtype=dtype) for d in dims]
+
+
+def random_entries(dims, m: int, seed: int):
+    """``m`` distinct index tuples and their linear indices."""
+    g = torch.Generator().manual_seed(seed)
+    size = math.prod(dims)
+    lin = torch.randperm(size, generator=g)[: min(m, size)]
+    return torch.stack(torch.unravel_index(lin, dims), dim=1), lin
+
+
+def dense_by_definition(factors):
+    """``sum_r w_r^1 (x) ... (x) w_r^N`` by explicit outer products, ``(B, *dims)``."""
+    batch, _, rank = factors[0].shape
+    dims = [f.shape[1] for f in factors]
+    out = torch.zeros(batch, *dims, dtype=factors[0].dtype)
+    for b in range(batch):
+        for r in range(rank):
+            comp = factors[0][b, :, r]
+            for f in factors[1:]:
+                comp = torch.tensordot(comp, f[b, :, r], dims=0)
+            out[b] += comp
+    return out
