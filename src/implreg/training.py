@@ -151,7 +151,12 @@ def train(
                     values[key] = val
             recorder.record(t, values, forced=just_stopped)
             if progress is not None:
-                info = {"loss": "/".join(f"{v:.2e}" for v in loss_list)}
+                short = {"converged": "done", "diverged": "nan", "max_iterations": "cap"}
+                shown = [
+                    f"{v:.2e}" if status[b] == "running" else short.get(status[b], status[b])
+                    for b, v in enumerate(loss_list)
+                ]
+                info = {"loss": "/".join(shown)}
                 if describe is not None:
                     info.update(describe(values))
                 progress.set_postfix(info, refresh=False)

@@ -236,10 +236,16 @@ def prepare(cfg: TensorDynamicsConfig) -> Prepared:
     return Prepared(cfg, truth_norm, engine, loss, factors, evaluate)
 
 
-def _learned_now(values: dict, threshold: float) -> dict:
-    norms = values["component_norms"]
-    counts = (norms > threshold).sum(axis=1)
-    return {"learned": "/".join(str(int(c)) for c in counts)}
+def _learned_now(values: dict, start: np.ndarray, fraction: float) -> dict:
+    """Live count for the progress bar, by the summary's rule on the current norms."""
+    counts = []
+    for b, norms in enumerate(values["component_norms"]):
+        if not np.isfinite(norms).all():
+            counts.append("-")  # this run has stopped
+            continue
+        threshold = max(fraction * float(norms.max()), 10.0 * float(start[b]))
+        counts.append(str(int((norms > threshold).sum())))
+    return {"learned": "/".join(counts)}
 
 
 def run(
@@ -281,7 +287,7 @@ def run(
     def on_message(b: int, msg: str) -> None:
         log(f"{labels[b]}: {msg}")
 
-    threshold = cfg.learned_fraction * prep.truth_norm / cfg.gt_rank
+    start_norms = cp_component_norms(prep.factors).amax(1).double().numpy()
     try:
         state, interrupted = train(
             params=prep.factors,
@@ -293,7 +299,7 @@ def run(
             state=state,
             interrupt=interrupt,
             progress=bar,
-            describe=lambda v: _learned_now(v, threshold),
+            describe=lambda v: _learned_now(v, start_norms, cfg.learned_fraction),
             on_message=on_message,
         )
     finally:
