@@ -455,22 +455,16 @@ def plot(run_dir: Path) -> list[Path]:
     nb = len(stds)
     fig, axes = plt.subplots(1, nb + 1, figsize=(4.2 * (nb + 1), 3.4), squeeze=False)
     for b, std in enumerate(stds):
-        ax = axes[0, b]
         its_b, norms_b = trajectories(its, norms, b)
         sel = top_components(norms_b, top_k)
-        for r in sel:
-            ax.plot(its_b, norms_b[:, r], lw=1.2)
-        ax.set_title(f"init std {std:g}: top {len(sel)} component norms")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("component norm")
-        ax.grid(alpha=0.3)
         single, sax = plt.subplots(figsize=(4.8, 3.6))
-        for r in sel:
-            sax.plot(its_b, norms_b[:, r], lw=1.2)
-        sax.set_title(f"init std {std:g}: top {len(sel)} component norms")
-        sax.set_xlabel("iteration")
-        sax.set_ylabel("component norm")
-        sax.grid(alpha=0.3)
+        for a in (axes[0, b], sax):
+            for r in sel:
+                a.plot(its_b, norms_b[:, r], lw=1.2)
+            a.set_title(f"init std {std:g}: top {len(sel)} component norms")
+            a.set_xlabel("iteration")
+            a.set_ylabel("component norm")
+            a.grid(alpha=0.3)
         single.tight_layout()
         p = run_dir / f"component_norms_std{std:g}.png"
         single.savefig(p, dpi=110)

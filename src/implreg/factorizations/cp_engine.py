@@ -107,6 +107,27 @@ def _leave_one_out(cols: list[Tensor], prefix: list[Tensor], weight: Tensor):
             suffix = suffix * cols[g]
 
 
+def _chunked_loss(m: int, chunk: int, y: Tensor, loss: PointwiseLoss, columns, scatter) -> Tensor:
+    """Sum over chunks of observations of the loss, scattering leave-one-out gradients.
+
+    ``columns(s, e)`` gives the per-group ``(B, c, R)`` factors of observations
+    ``s:e``; ``scatter(g, s, e, contrib)`` accumulates group ``g``'s gradient
+    contribution.  Returns the mean loss per batch entry.
+    """
+    total = None
+    for s in range(0, m, chunk):
+        e = min(s + chunk, m)
+        cols = columns(s, e)
+        prefix = _prefix_products(cols)
+        val, dval = loss.pointwise(prefix[-1].sum(-1) - y[s:e])
+        total = val.sum(-1) if total is None else total + val.sum(-1)
+        weight = (dval / m).unsqueeze(-1)
+        for g, contrib in _leave_one_out(cols, prefix, weight):
+            scatter(g, s, e, contrib)
+    assert total is not None
+    return total / m
+
+
 class DenseCompletion(_Engine):
     """Completion gradient through the dense ``T_1 T_2^T`` formulation (small tensors)."""
 
@@ -194,22 +215,18 @@ class GatherCompletion(_Engine):
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
         tables = self._tables(factors)
         d_tables = [torch.zeros_like(t) for t in tables]
-        batch = tables[0].shape[0]
-        total = tables[0].new_zeros(batch)
-        for s in range(0, self.m, self.chunk):
-            js = [j[s : s + self.chunk] for j in self.group_idx]
-            cols = [t[:, j, :] for t, j in zip(tables, js)]
-            prefix = _prefix_products(cols)
-            pred = prefix[-1].sum(-1)
-            val, dval = loss.pointwise(pred - self.y[s : s + self.chunk])
-            total += val.sum(-1)
-            weight = (dval / self.m).unsqueeze(-1)
-            for g, contrib in _leave_one_out(cols, prefix, weight):
-                d_tables[g].index_add_(1, js[g], contrib)
+
+        def columns(s: int, e: int) -> list[Tensor]:
+            return [t[:, j[s:e], :] for t, j in zip(tables, self.group_idx)]
+
+        def scatter(g: int, s: int, e: int, contrib: Tensor) -> None:
+            d_tables[g].index_add_(1, self.group_idx[g][s:e], contrib)
+
+        mean = _chunked_loss(self.m, self.chunk, self.y, loss, columns, scatter)
         grads: list[Tensor] = []
         for g, dt in zip(self.groups, d_tables):
             grads.extend(khatri_rao_backward([factors[n] for n in g], dt))
-        return total / self.m, grads
+        return mean, grads
 
 
 class DenseSensing(DenseCompletion):
@@ -262,19 +279,15 @@ class RankOneSensing(_Engine):
 
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
         grads = [torch.zeros_like(f) for f in factors]
-        batch = factors[0].shape[0]
-        total = factors[0].new_zeros(batch)
-        for s in range(0, self.m, self.chunk):
-            vs = [v[s : s + self.chunk] for v in self.vectors]
-            cols = [v @ f for v, f in zip(vs, factors)]
-            prefix = _prefix_products(cols)
-            pred = prefix[-1].sum(-1)
-            val, dval = loss.pointwise(pred - self.y[s : s + self.chunk])
-            total += val.sum(-1)
-            weight = (dval / self.m).unsqueeze(-1)
-            for g, contrib in _leave_one_out(cols, prefix, weight):
-                grads[g] += vs[g].T @ contrib
-        return total / self.m, grads
+
+        def columns(s: int, e: int) -> list[Tensor]:
+            return [v[s:e] @ f for v, f in zip(self.vectors, factors)]
+
+        def scatter(g: int, s: int, e: int, contrib: Tensor) -> None:
+            grads[g] += self.vectors[g][s:e].T @ contrib
+
+        mean = _chunked_loss(self.m, self.chunk, self.y, loss, columns, scatter)
+        return mean, grads
 
 
 def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 << 24) -> str:
