@@ -108,15 +108,16 @@ def _cmd_run(args) -> int:
         run_dir = args.resume
         if not (run_dir / CONFIG).is_file():
             raise UsageError(f"{run_dir} is not a run folder (no {CONFIG})")
-        if not (run_dir / CHECKPOINT).is_file():
-            if (run_dir / SUMMARY).is_file():
-                raise UsageError(f"the run in {run_dir} has already finished")
-            raise UsageError(f"{run_dir} has no checkpoint to resume from")
+        if (run_dir / SUMMARY).is_file():
+            raise UsageError(f"the run in {run_dir} has already finished")
         saved = read_json(run_dir / CONFIG)
         experiment = saved["experiment"]
         module = EXPERIMENTS[experiment]
         cfg = from_mapping(module.Config, saved["config"])
-        prepared = module.prepare(cfg)
+        try:
+            prepared = module.prepare(cfg)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         resume = True
     else:
         preset_name, experiment, cfg = _resolve(args)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from implreg.experiments import tensor_dynamics
+from implreg.experiments import det_sign, tensor_dynamics
 from implreg.experiments.config import ConfigError
 
 
@@ -69,10 +69,18 @@ PRESETS: dict[str, Preset] = {
                 max_iterations=30000,
             ),
         ),
+        Preset(
+            "mf-det-sign",
+            "2x2 completion with det > 0 at init, depth 2 / 3 / 4, published GD (lr 3e-3) and a "
+            "flow-faithful step control, random and balanced inits, to loss 1e-4",
+            "Razin & Cohen 2020 (|W_11| against the loss); Cohen 2021 slides",
+            det_sign,
+            det_sign.DetSignConfig(),
+        ),
     ]
 }
 
-EXPERIMENTS: dict[str, ModuleType] = {"tensor_dynamics": tensor_dynamics}
+EXPERIMENTS: dict[str, ModuleType] = {"tensor_dynamics": tensor_dynamics, "det_sign": det_sign}
 
 
 def get_preset(name: str) -> Preset:

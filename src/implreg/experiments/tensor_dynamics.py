@@ -268,6 +268,8 @@ def run(
     optimizer = make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps)
     stop = StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations)
     recorder = Recorder(log_every=cfg.log_every, max_records=cfg.max_records)
+    if resume and not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"{run_dir} has no checkpoint to resume from")
     state = TrainState.from_dict(load_checkpoint(run_dir)) if resume else None
     bar = None
     if progress:

@@ -1,0 +1,1 @@
+"""Convex baselines: nuclear-norm minimization for matrix completion and sensing."""
