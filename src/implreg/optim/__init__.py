@@ -104,8 +104,11 @@ class AdaptiveGD:
                     p.add_(g, alpha=-eta[0])
             return
         steps = torch.tensor([e if a else 0.0 for e, a in zip(eta, act)], dtype=torch.float64)
-        for p, g in zip(params, grads):
-            p.addcmul_(g, _per_run(steps, g), value=-1.0)
+        if all(act):
+            for p, g in zip(params, grads):
+                p.addcmul_(g, _per_run(steps, g), value=-1.0)
+        else:  # a frozen run may hold a non-finite gradient: never multiply it in
+            _apply(params, [g * _per_run(steps, g) for g in grads], active)
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only the state of the runs at positions ``keep``."""
@@ -141,9 +144,15 @@ class Adam:
         c1 = 1.0 - torch.pow(b1, self.t)
         c2 = 1.0 - torch.pow(b2, self.t)
         updates = []
+        every = bool(active.all())
         for i, g in enumerate(grads):
-            self.m[i].mul_(b1).add_(g, alpha=1.0 - b1)
-            self.v[i].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            if every:
+                self.m[i].mul_(b1).add_(g, alpha=1.0 - b1)
+                self.v[i].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            else:  # frozen runs keep their moments
+                keep = _per_run(active, g).bool()
+                self.m[i] = torch.where(keep, self.m[i] * b1 + (1.0 - b1) * g, self.m[i])
+                self.v[i] = torch.where(keep, self.v[i] * b2 + (1.0 - b2) * g * g, self.v[i])
             m_hat = self.m[i] / _per_run(c1.clamp_min(1e-300), g)
             v_hat = self.v[i] / _per_run(c2.clamp_min(1e-300), g)
             updates.append(self.lr * m_hat / (v_hat.sqrt() + self.eps))
@@ -157,16 +166,31 @@ class Adam:
             self.t = self.t[list(keep)]
 
     def state_dict(self) -> dict:
-        return {"m": self.m, "v": self.v, "t": self.t}
+        """A snapshot: later steps do not change it."""
+
+        def copy(x):
+            return None if x is None else [t.clone() for t in x]
+
+        return {
+            "m": copy(self.m),
+            "v": copy(self.v),
+            "t": None if self.t is None else self.t.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.m, self.v, self.t = state["m"], state["v"], state["t"]
+        self.m = None if state["m"] is None else [t.clone() for t in state["m"]]
+        self.v = None if state["v"] is None else [t.clone() for t in state["v"]]
+        self.t = None if state["t"] is None else state["t"].clone()
 
 
 def make_optimizer(name: str, *, lr: float, eps: float | None = None, beta: float = 0.99):
     """Optimizer by name: ``adaptive`` (the papers'), ``gd`` or ``adam``."""
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
     if name == "adaptive":
         return AdaptiveGD(lr, beta=beta, eps=1e-6 if eps is None else eps)
     if name == "gd":
