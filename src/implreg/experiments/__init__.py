@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from implreg.experiments import det_sign, tensor_dynamics
+from implreg.experiments import det_sign, mf_depth_nuclear, mf_dynamics, tensor_dynamics
 from implreg.experiments.config import ConfigError
 
 
@@ -77,10 +77,31 @@ PRESETS: dict[str, Preset] = {
             det_sign,
             det_sign.DetSignConfig(),
         ),
+        Preset(
+            "mf-dynamics",
+            "100x100 rank-5 completion from 2000 entries, depth 1 / 2 / 3, init scale 1e-3: "
+            "top singular values over iterations",
+            "Arora et al. 2019 Figure 3; Razin 2022 blog Figure 1",
+            mf_dynamics,
+            mf_dynamics.MFDynamicsConfig(),
+        ),
+        Preset(
+            "mf-depth-vs-nuclear",
+            "depth 2 / 3 / 4 x init 1e-3 ... 1e-6 x 2000 / 5000 entries against nuclear-norm "
+            "minimization (cvxpy + SCS): error, nuclear norm, effective rank; error vs entries",
+            "Arora et al. 2019; Cohen 2021 slides (MF gives up min nuclear norm for low rank)",
+            mf_depth_nuclear,
+            mf_depth_nuclear.DepthNuclearConfig(),
+        ),
     ]
 }
 
-EXPERIMENTS: dict[str, ModuleType] = {"tensor_dynamics": tensor_dynamics, "det_sign": det_sign}
+EXPERIMENTS: dict[str, ModuleType] = {
+    "tensor_dynamics": tensor_dynamics,
+    "det_sign": det_sign,
+    "mf_dynamics": mf_dynamics,
+    "mf_depth_nuclear": mf_depth_nuclear,
+}
 
 
 def get_preset(name: str) -> Preset:

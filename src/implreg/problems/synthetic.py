@@ -167,3 +167,22 @@ def sensing_problem(truth: CPTensor, m: int, *, kind: str, generator: torch.Gene
         assert prod is not None
         return Sensing(truth, kind, prod.sum(-1), vectors=vecs)
     raise ValueError(f"unknown measurement kind {kind!r}; use 'gaussian' or 'rank_one'")
+
+
+def low_rank_matrix(
+    shape: Sequence[int], rank: int, *, norm: float, generator: torch.Generator
+) -> Tensor:
+    """``U V^T`` with ``U, V`` i.i.d. N(0, 1) of width ``rank``, rescaled to Frobenius ``norm``.
+
+    REFERENCE §3 (Arora et al. 2019): 100 x 100, rank 5, norm 100 (entries of RMS 1).
+    Float64.
+    """
+    n_rows, n_cols = (int(s) for s in shape)
+    if n_rows < 1 or n_cols < 1 or rank < 1:
+        raise ValueError(f"matrix sizes and rank must be positive, got {shape}, rank {rank}")
+    if not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"the ground-truth norm must be positive and finite, got {norm}")
+    u = torch.randn(n_rows, rank, generator=generator, dtype=torch.float64)
+    v = torch.randn(n_cols, rank, generator=generator, dtype=torch.float64)
+    w = u @ v.T
+    return w * (norm / w.norm())
