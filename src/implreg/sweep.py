@@ -32,9 +32,13 @@ class Unit:
     params: dict[str, Any]
 
 
-def _quiet_worker() -> None:
+def _quiet_worker(threads: int) -> None:
+    """Pool initializer: signals are the main process's; share the cores between workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def unit_path(run_dir: Path, name: str) -> Path:
@@ -86,7 +90,10 @@ def run_units(
             finish(u, worker(u.params))
         return results, False
     interrupted = False
-    with ProcessPoolExecutor(max_workers=workers, initializer=_quiet_worker) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(
+        max_workers=workers, initializer=_quiet_worker, initargs=(threads,)
+    ) as pool:
         pending = {}
         queue = list(todo)
         while queue or pending:
