@@ -5,10 +5,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 Tensor = torch.Tensor
+
+
+class PointwiseLoss(Protocol):
+    """A loss ``l(z)`` applied to residuals ``z = pred - y``: value and derivative."""
+
+    def pointwise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass(frozen=True)

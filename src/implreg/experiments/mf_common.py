@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from implreg import matrix_metrics as mm
 from implreg.factorizations.matrix import MatrixCompletion, mf_init, mf_product
 from implreg.losses import L2Loss
 from implreg.metrics import Recorder
@@ -34,17 +35,15 @@ def problem(shape, rank: int, norm: float, m: int, seed: int):
 def matrix_summary(w: torch.Tensor, truth: torch.Tensor, observed: torch.Tensor) -> dict:
     """Test MSE (unobserved entries), MSE over all entries, norms and effective rank (float64)."""
     w = w.double()
-    sv = torch.linalg.svdvals(w)
-    pos = sv[sv > 0]
-    p = pos / pos.sum()
-    err = (w - truth) ** 2
+    err = mm.reconstruction_errors(w, truth, observed)
+    sv = mm.singular_values(w)
     return {
-        "test_mse": float(err[~observed].mean()) if bool((~observed).any()) else 0.0,
-        "mse_all": float(err.mean()),
-        "nuclear_norm": float(sv.sum()),
-        "frobenius_norm": float(sv.pow(2).sum().sqrt()),
-        "spectral_norm": float(sv.max()),
-        "effective_rank": float(torch.exp(-(p * p.log()).sum())) if pos.numel() else 0.0,
+        "test_mse": float(err["test_mse"]) if bool((~observed).any()) else 0.0,
+        "mse_all": float(err["mse"]),
+        "nuclear_norm": float(mm.nuclear_norm(w)),
+        "frobenius_norm": float(mm.frobenius_norm(w)),
+        "spectral_norm": float(mm.spectral_norm(w)),
+        "effective_rank": float(mm.effective_rank(w)),
         "singular_values_top10": sv[:10].tolist(),
     }
 

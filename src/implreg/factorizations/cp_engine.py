@@ -29,19 +29,13 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
 from implreg.factorizations.cp import balanced_split, khatri_rao, khatri_rao_backward
+from implreg.losses import PointwiseLoss
 
 Tensor = torch.Tensor
-
-
-class PointwiseLoss(Protocol):
-    """A loss ``l(z)`` applied to residuals ``z = pred - y``: value and derivative."""
-
-    def pointwise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 def linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:

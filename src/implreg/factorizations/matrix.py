@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
+
+from implreg.losses import PointwiseLoss
 
 Tensor = torch.Tensor
 
 SCHEMES = ("gaussian", "balanced", "orthogonal", "identity")
-
-
-class PointwiseLoss(Protocol):
-    """A loss ``l(z)`` applied to residuals ``z = pred - y``: value and derivative."""
-
-    def pointwise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
