@@ -78,6 +78,15 @@ def test_flow_follows_the_rank_one_path_and_keeps_det_positive(tmp_path):
         assert not r["crossed_det_zero"] and r["final_det"] > 0
         assert r["final_abs_w11"] == pytest.approx(r["rank_one_abs_w11"], rel=0.02)
         assert r["final_abs_w11"] > 20  # (2 * 1e-3) ** -0.5 = 22.4
+        # every norm and quasi-norm grows while the effective rank falls towards 1
+        rec = ds.load_results(tmp_path, ds.units(cfg))[f"depth{r['depth']}-flow-balanced"][
+            "records"
+        ]
+        for key in rec:
+            if key.startswith("schatten_"):
+                assert rec[key][-1] > 1000 * rec[key][0]
+        assert r["final_norms"]["effective_rank"] < 1.01
+        assert max(r["final_balancedness"]) < 1e-2  # balancedness is conserved up to discretization
     assert (tmp_path / "figure.png").stat().st_size > 0
 
 

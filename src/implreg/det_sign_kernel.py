@@ -105,14 +105,14 @@ def run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio):
 
     ``flow_c <= 0`` selects plain GD with step ``lr``; ``flow_c > 0`` the
     flow-faithful step control (module docstring) starting from ``lr``.  A
-    record ``(step, loss, W_11, det, time)`` is kept each time the loss has
+    record ``(step, loss, W_11, W_12, W_21, W_22, det, time)`` each time the loss has
     fallen by the factor ``record_ratio`` since the last record, and at every
     sign change of ``det(W_e)``; ``time`` is the sum of the steps taken.
     Returns ``(status, steps, records)`` with status 0 = reached ``loss_tol``,
     1 = ``max_steps``, 2 = non-finite loss, 3 = step control failed.
     """
     cap = 20000
-    records = np.empty((cap, 5))
+    records = np.empty((cap, 8))
     count = 0
     last_loss = np.inf
     last_sign = 0.0
@@ -134,8 +134,11 @@ def run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio):
             records[count, 0] = step
             records[count, 1] = loss
             records[count, 2] = w[0, 0]
-            records[count, 3] = det
-            records[count, 4] = time
+            records[count, 3] = w[0, 1]
+            records[count, 4] = w[1, 0]
+            records[count, 5] = w[1, 1]
+            records[count, 6] = det
+            records[count, 7] = time
             count += 1
             last_loss = loss
         if sign != 0.0:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from implreg.experiments.config import require
 from implreg.runs import SUMMARY, write_json
@@ -135,9 +136,11 @@ def _worker(params: dict) -> dict:
         params["record_ratio"],
     )
     seconds = time.perf_counter() - start
-    signs = np.sign(rec[:, 3])
+    signs = np.sign(rec[:, 6])
     nz = np.flatnonzero(signs != 0)
     flips = [int(rec[nz[i], 0]) for i in range(1, nz.size) if signs[nz[i]] != signs[nz[i - 1]]]
+    norms = end_matrix_norms(rec[:, 2:6].reshape(-1, 2, 2), params["depth"])
+    last = {k: float(v[-1]) for k, v in norms.items()}
     return {
         **{k: params[k] for k in ("depth", "mode", "init", "lr")},
         "status": ["reached_loss_tol", "max_steps", "non_finite", "step_control_failed"][status],
@@ -145,18 +148,41 @@ def _worker(params: dict) -> dict:
         "seconds": seconds,
         "final_loss": float(rec[-1, 1]),
         "final_abs_w11": float(abs(rec[-1, 2])),
-        "final_det": float(rec[-1, 3]),
+        "final_det": float(rec[-1, 6]),
         "rank_one_abs_w11": float((2 * rec[-1, 1]) ** -0.5),
         "det_sign_changes": flips,
         "crossed_det_zero": bool(flips),
-        "flow_time": float(rec[-1, 4]),
+        "flow_time": float(rec[-1, 7]),
+        "final_norms": last,
+        "final_balancedness": [
+            float(np.linalg.norm(layers[j + 1].T @ layers[j + 1] - layers[j] @ layers[j].T))
+            for j in range(params["depth"] - 1)
+        ],
         "records": {
             "step": rec[:, 0].tolist(),
             "loss": rec[:, 1].tolist(),
             "w11": rec[:, 2].tolist(),
-            "det": rec[:, 3].tolist(),
+            "det": rec[:, 6].tolist(),
+            **{k: v.tolist() for k, v in norms.items()},
         },
     }
+
+
+def end_matrix_norms(w: np.ndarray, depth: int) -> dict[str, np.ndarray]:
+    """Norms, quasi-norms and effective rank of end matrices ``(T, 2, 2)`` (float64).
+
+    Schatten-p quasi-norms ``(sum sigma^p)^{1/p}`` for p = 2/depth, 1/2, 1 (nuclear)
+    and 2 (Frobenius); effective rank of Roy & Vetterli (zero sigma dropped).
+    """
+    from implreg import matrix_metrics as mm
+
+    t = torch.from_numpy(np.ascontiguousarray(w))
+    out = {
+        f"schatten_{p:.3g}": mm.schatten_quasi_norm(t, p).numpy()
+        for p in sorted({2.0 / depth, 0.5, 1.0, 2.0})
+    }
+    out["effective_rank"] = mm.effective_rank(t).numpy()
+    return out
 
 
 def units(cfg: DetSignConfig) -> list[Unit]:
