@@ -14,25 +14,15 @@ alone).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import rate
 
 from implreg.factorizations.cp import cp_init
 from implreg.factorizations.cp_engine import DenseCompletion, GatherCompletion
 from implreg.losses import L2Loss
 from implreg.optim import AdaptiveGD
 from implreg.problems.synthetic import completion_problem, low_cp_rank_tensor
-
-
-def rate(step, seconds: float) -> float:
-    for _ in range(20):
-        step()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        n += 1
-    return n / (time.perf_counter() - start)
 
 
 def main() -> None:

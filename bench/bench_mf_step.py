@@ -11,24 +11,14 @@ ratio.  The authors' code: about 1000-1700 steps/s with one thread (REFERENCE §
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import rate
 
 from implreg.experiments.mf_common import problem
 from implreg.factorizations.matrix import MatrixCompletion, mf_init
 from implreg.losses import L2Loss
 from implreg.optim import AdaptiveGD
-
-
-def rate(step, seconds: float) -> float:
-    for _ in range(20):
-        step()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        n += 1
-    return n / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -109,3 +109,32 @@ def run_units(
                 interrupted = True
                 queue.clear()
     return results, interrupted
+
+
+def grid_outcome(
+    run_dir: Path,
+    grid: Sequence[Unit],
+    results: dict[str, Any],
+    interrupted: bool,
+    *,
+    started: float,
+    bulky: str,
+    plot: Callable[[Path], object],
+) -> dict:
+    """The outcome of a one-grid experiment: summary (without each unit's ``bulky`` key), figure.
+
+    Returns ``{"interrupted", "summary", "exit_code"[, "iteration"]}`` as the CLI expects.
+    """
+    import time
+
+    from implreg.runs import SUMMARY
+
+    if interrupted:
+        return {"interrupted": True, "summary": None, "exit_code": 130, "iteration": len(results)}
+    summary = {
+        "wall_seconds_this_session": time.perf_counter() - started,
+        "runs": [{k: v for k, v in results[u.name].items() if k != bulky} for u in grid],
+    }
+    write_json(Path(run_dir) / SUMMARY, summary)
+    plot(Path(run_dir))
+    return {"interrupted": False, "summary": summary, "exit_code": 0}

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from implreg.experiments.config import require
-from implreg.runs import SUMMARY, write_json
-from implreg.sweep import Unit, load_results, run_units
+from implreg.runs import SUMMARY
+from implreg.sweep import Unit, grid_outcome, load_results, run_units
 
 
 @dataclass(frozen=True)
@@ -243,15 +243,9 @@ def run(
     finally:
         if bar is not None:
             bar.close()
-    if interrupted:
-        return {"interrupted": True, "summary": None, "exit_code": 130, "iteration": len(results)}
-    summary = {
-        "wall_seconds_this_session": time.perf_counter() - start,
-        "runs": [{k: v for k, v in results[u.name].items() if k != "records"} for u in grid],
-    }
-    write_json(run_dir / SUMMARY, summary)
-    plot(run_dir)
-    return {"interrupted": False, "summary": summary, "exit_code": 0}
+    return grid_outcome(
+        run_dir, grid, results, interrupted, started=start, bulky="records", plot=plot
+    )
 
 
 def summary_text(summary: dict) -> str:

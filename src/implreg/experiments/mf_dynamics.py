@@ -16,8 +16,8 @@ import numpy as np
 
 from implreg.experiments import mf_common
 from implreg.experiments.config import require
-from implreg.runs import SUMMARY, read_json, write_json
-from implreg.sweep import Unit, run_units
+from implreg.runs import SUMMARY, read_json
+from implreg.sweep import Unit, grid_outcome, run_units
 
 
 @dataclass(frozen=True)
@@ -116,15 +116,9 @@ def run(
     results, interrupted = run_units(
         grid, mf_common.fit, run_dir, workers=cfg.workers, interrupt=interrupt
     )
-    if interrupted:
-        return {"interrupted": True, "summary": None, "exit_code": 130, "iteration": len(results)}
-    summary = {
-        "wall_seconds_this_session": time.perf_counter() - start,
-        "runs": [{k: v for k, v in results[u.name].items() if k != "history"} for u in grid],
-    }
-    write_json(run_dir / SUMMARY, summary)
-    plot(run_dir)
-    return {"interrupted": False, "summary": summary, "exit_code": 0}
+    return grid_outcome(
+        run_dir, grid, results, interrupted, started=start, bulky="history", plot=plot
+    )
 
 
 def summary_text(summary: dict) -> str:
