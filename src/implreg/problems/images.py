@@ -65,7 +65,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The folder holding ``mnist/`` and ``fashion-mnist/``: the argument, else $IMPLREG_DATA_DIR."""
+    """The folder holding mnist/ and fashion-mnist/: the argument, else $IMPLREG_DATA_DIR."""
     if data_dir is None:
         data_dir = os.environ.get(ENV_DATA_DIR)
         if not data_dir:
