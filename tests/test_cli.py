@@ -164,7 +164,7 @@ def test_signal_writes_checkpoint_and_resume_is_bit_identical(tmp_path, sig):
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("run folder:")
-    time.sleep(1.0)
+    time.sleep(0.3)  # the handler is installed before the line is printed
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err

@@ -144,8 +144,8 @@ def _cmd_run(args) -> int:
             },
         )
         resume = False
-    print(f"run folder: {run_dir}", flush=True)
     with Interrupt() as stop:
+        print(f"run folder: {run_dir}", flush=True)  # signals are handled from here on
         try:
             result = module.run(
                 cfg,
