@@ -9,6 +9,7 @@ created.  Ctrl-C or SIGTERM during a run writes a checkpoint; ``implreg run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import shutil
 import signal
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
     run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder holding mnist/ and fashion-mnist/ IDX files (default: $IMPLREG_DATA_DIR)",
+    )
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument(
         "--config",
@@ -98,12 +104,22 @@ def _resolve(args) -> tuple[str, str, object]:
     cfg = with_overrides(cfg, args.overrides)
     if args.seed is not None:
         cfg = with_overrides(cfg, [f"seed={args.seed}"])
+    if args.data_dir is not None:
+        if "data_dir" not in {f.name for f in dataclasses.fields(cfg)}:
+            raise UsageError(f"{preset_name} reads no data; --data-dir does not apply")
+        cfg = dataclasses.replace(cfg, data_dir=str(args.data_dir.resolve()))
     return preset_name, experiment, cfg
 
 
 def _cmd_run(args) -> int:
     if args.resume is not None:
-        if args.preset or args.overrides or args.config or args.seed is not None:
+        if (
+            args.preset
+            or args.overrides
+            or args.config
+            or args.seed is not None
+            or args.data_dir is not None
+        ):
             raise UsageError("--resume takes only the run folder; its config.json is used as saved")
         run_dir = args.resume
         if not (run_dir / CONFIG).is_file():
@@ -156,7 +172,8 @@ def _cmd_run(args) -> int:
                 interrupt=stop,
             )
         except BaseException:
-            if not resume and not (run_dir / CHECKPOINT).exists():
+            finished_units = any((run_dir / "units").glob("*.json"))
+            if not resume and not (run_dir / CHECKPOINT).exists() and not finished_units:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
     if result["interrupted"]:

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from implreg.experiments import det_sign, mf_depth_nuclear, mf_dynamics, tensor_dynamics
+from implreg.experiments import (
+    det_sign,
+    mf_depth_nuclear,
+    mf_dynamics,
+    tensor_dynamics,
+    tensor_rank,
+)
 from implreg.experiments.config import ConfigError
 
 
@@ -93,6 +99,14 @@ PRESETS: dict[str, Preset] = {
             mf_depth_nuclear,
             mf_depth_nuclear.DepthNuclearConfig(),
         ),
+        Preset(
+            "tensor-rank-complexity",
+            "MNIST and Fashion-MNIST (--data-dir) as order-784 tensor completion: original, "
+            "rand image, rand label x 10 one-vs-all tasks x CP ranks 1..15, linear baseline",
+            "Razin et al. 2021, Figure 4 (tensor rank as a measure of complexity)",
+            tensor_rank,
+            tensor_rank.TensorRankConfig(),
+        ),
     ]
 }
 
@@ -101,6 +115,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
     "det_sign": det_sign,
     "mf_dynamics": mf_dynamics,
     "mf_depth_nuclear": mf_depth_nuclear,
+    "tensor_rank": tensor_rank,
 }
 
 

@@ -1,0 +1,328 @@
+"""The tensor-rank-complexity preset (paper Figure 4; REFERENCE §2), reduced.
+
+Most tests use a small synthetic data folder in the IDX format (so they run
+wherever the package is installed); the last ones use the real MNIST /
+Fashion-MNIST from ../shared/data and skip without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from implreg.cli import main
+from implreg.experiments import tensor_rank
+from implreg.experiments.config import with_overrides
+
+DATA = Path(
+    os.environ.get("IMPLREG_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+needs_data = pytest.mark.skipif(
+    not (DATA / "mnist").is_dir(),
+    reason="no MNIST: ../shared/data and $IMPLREG_DATA_DIR are absent",
+)
+
+
+def _idx(array: np.ndarray) -> bytes:
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return head + array.astype(np.uint8).tobytes()
+
+
+def _fake_split(rng, n: int, side: int):
+    """Images whose class is drawn as a bright block at a class-specific place, plus noise."""
+    labels = rng.integers(0, 10, size=n)
+    images = (rng.random((n, side, side)) < 0.05).astype(np.uint8) * 255
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 4)
+        images[i, 2 * r : 2 * r + 2, 2 * col : 2 * col + 2] = 255
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name in ("mnist", "fashion-mnist"):
+        folder = root / name
+        folder.mkdir()
+        for prefix, n in (("train", 600), ("t10k", 200)):
+            images, labels = _fake_split(rng, n, 8)
+            (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+            (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
+    return root
+
+
+SMALL = ["--set", "ranks=1,2", "--set", "classes=0,5", "--set", "iterations=40", "--no-progress"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_run_writes_csv_figure_and_summary(tmp_path, fake_data, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["run", "tensor-rank-complexity", "--data-dir", str(fake_data), "--out", str(out), *SMALL]
+    )
+    assert code == 0
+    assert (out / "figure.png").stat().st_size > 0
+    rows = _rows(out)
+    # 2 datasets x 3 variants x 2 classes x (2 ranks + linear)
+    assert len(rows) == 2 * 3 * 2 * 3
+    assert {r["variant"] for r in rows} == {"original", "rand_image", "rand_label"}
+    summary = json.loads((out / "summary.json").read_text())
+    means = {(m["dataset"], m["variant"], m["predictor"], m["rank"]): m for m in summary["means"]}
+    for ds in ("mnist", "fashion-mnist"):
+        for rank in (1, 2):
+            orig = means[(ds, "original", "cp", rank)]["train_mean"]
+            for v in ("rand_image", "rand_label"):
+                assert orig < means[(ds, v, "cp", rank)]["train_mean"]
+        # the structured fake classes are easy for a rank-1 predictor
+        assert means[(ds, "original", "cp", 1)]["test_mean"] < 0.5 * summary["variance"][ds]
+    text = capsys.readouterr().out
+    assert "variance p(1-p)" in text and "linear" in text
+
+
+def test_csv_values_match_units_and_aggregates(tmp_path, fake_data):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "tensor-rank-complexity",
+                "--data-dir",
+                str(fake_data),
+                "--out",
+                str(out),
+                *SMALL,
+                "--set",
+                "datasets=mnist",
+            ]
+        )
+        == 0
+    )
+    rows = _rows(out)
+    unit = json.loads((out / "units" / "fit-mnist-images-r2.json").read_text())
+    row = next(
+        r for r in rows if r["variant"] == "rand_label" and r["rank"] == "2" and r["class"] == "5"
+    )
+    assert float(row["train_mse"]) == pytest.approx(unit["train_mse"]["rand_label"][1], rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    m = next(m for m in summary["means"] if m["variant"] == "original" and m["rank"] == 1)
+    vals = [float(r["test_mse"]) for r in rows if r["variant"] == "original" and r["rank"] == "1"]
+    assert m["test_mean"] == pytest.approx(np.mean(vals), rel=1e-5)
+    assert m["test_std"] == pytest.approx(np.std(vals), rel=1e-4, abs=1e-9)
+
+
+def test_interrupted_grid_resumes_to_the_same_results(tmp_path, fake_data):
+    cfg = with_overrides(
+        tensor_rank.TensorRankConfig(),
+        [f"data_dir={fake_data}", "datasets=mnist", "ranks=1,2", "classes=3", "iterations=30"],
+    )
+
+    class StopAfter:
+        """Looks set once ``n`` units have been written."""
+
+        def __init__(self, folder: Path, n: int):
+            self.folder, self.n = folder, n
+
+        def is_set(self) -> bool:
+            return len(list((self.folder / "units").glob("*.json"))) >= self.n
+
+    part = tmp_path / "part"
+    first = tensor_rank.run(cfg, part, progress=False, interrupt=StopAfter(part, 2))
+    assert first["interrupted"] and not (part / "summary.json").exists()
+    assert len(list((part / "units").glob("*.json"))) == 2
+    done = tensor_rank.run(cfg, part, resume=True, progress=False)
+    whole = tensor_rank.run(cfg, tmp_path / "whole", progress=False)
+    assert not done["interrupted"]
+    assert _rows(part) == _rows(tmp_path / "whole")
+    assert whole["summary"]["means"] == done["summary"]["means"]
+
+
+def test_rank_order_and_class_subsets_are_independent(tmp_path, fake_data):
+    """A fit does not depend on which other ranks or classes are in the grid."""
+    base = [f"data_dir={fake_data}", "datasets=mnist", "variants=original", "iterations=25"]
+    a = tensor_rank.run(
+        with_overrides(tensor_rank.TensorRankConfig(), [*base, "ranks=2", "classes=4"]),
+        tmp_path / "a",
+        progress=False,
+    )
+    b = tensor_rank.run(
+        with_overrides(tensor_rank.TensorRankConfig(), [*base, "ranks=1,2", "classes=4"]),
+        tmp_path / "b",
+        progress=False,
+    )
+    pick = lambda res: next(m for m in res["summary"]["means"] if m["rank"] == 2)  # noqa: E731
+    assert pick(a)["train_mean"] == pick(b)["train_mean"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "classes=3,10"], "class must lie in 0-9"),
+        (["--set", "ranks=0,2"], "rank must be at least 1"),
+        (["--set", "datasets=cifar"], "unknown dataset"),
+        (["--set", "variants=shuffled"], "unknown variant"),
+    ],
+)
+def test_bad_settings_are_one_sentence_and_no_folder(tmp_path, fake_data, capsys, extra, message):
+    out = tmp_path / "run"
+    code = main(
+        ["run", "tensor-rank-complexity", "--data-dir", str(fake_data), "--out", str(out), *extra]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("implreg: error:") and message in err
+    assert not out.exists()
+
+
+def test_wrong_or_missing_data_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IMPLREG_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "tensor-rank-complexity",
+                "--data-dir",
+                str(tmp_path / "nope"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["run", "tensor-rank-complexity", "--out", str(out)]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(
+            [
+                "run",
+                "tensor-rank-complexity",
+                "--data-dir",
+                str(tmp_path / "empty"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "no mnist/ folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_corrupt_data_file_is_refused_before_any_folder(tmp_path, fake_data, capsys):
+    bad = tmp_path / "data"
+    for name in ("mnist", "fashion-mnist"):
+        (bad / name).mkdir(parents=True)
+        for f in (fake_data / name).iterdir():
+            (bad / name / f.name).write_bytes(f.read_bytes())
+    lab = bad / "mnist" / "train-labels-idx1-ubyte"
+    lab.write_bytes(lab.read_bytes()[:-7])
+    out = tmp_path / "run"
+    assert main(["run", "tensor-rank-complexity", "--data-dir", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte" in err and "truncated" in err
+    assert not out.exists()
+
+
+def test_data_dir_flag_is_refused_by_presets_without_data(tmp_path, capsys):
+    assert (
+        main(["run", "tf-dynamics", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "reads no data" in capsys.readouterr().err
+
+
+def test_rand_label_and_rand_image_are_seeded_and_shared_across_ranks(fake_data):
+    params = {
+        "data_dir": str(fake_data),
+        "dataset": "mnist",
+        "inputs": "images",
+        "variants": ["original", "rand_label"],
+        "classes": [1, 2],
+        "train_samples": 0,
+        "test_samples": 0,
+        "seed": 0,
+        "representation": "pixels",
+    }
+    a, b = tensor_rank.task_data(params), tensor_rank.task_data(params)
+    assert np.array_equal(a["y_train"]["rand_label"], b["y_train"]["rand_label"])
+    # a permutation: the class counts are kept, the assignment is not
+    assert a["y_train"]["rand_label"].sum(0).tolist() == a["y_train"]["original"].sum(0).tolist()
+    assert not np.array_equal(a["y_train"]["rand_label"], a["y_train"]["original"])
+    r = tensor_rank.task_data({**params, "inputs": "rand_image", "variants": ["rand_image"]})
+    assert set(np.unique(r["x_train"]).tolist()) == {0, 1}
+    assert abs(r["x_train"].mean() - 0.5) < 0.02
+    assert np.array_equal(r["y_train"]["rand_image"], a["y_train"]["original"])
+    c = tensor_rank.task_data({**params, "seed": 1})
+    assert not np.array_equal(a["y_train"]["rand_label"], c["y_train"]["rand_label"])
+
+
+def test_patch_centroid_inputs(tmp_path, fake_data):
+    """Footnote 10: 2x2 patches of the 8x8 fake images become 16 indices into 4 centroids."""
+    cfg = with_overrides(
+        tensor_rank.TensorRankConfig(),
+        [
+            f"data_dir={fake_data}",
+            "datasets=mnist",
+            "classes=0",
+            "ranks=1",
+            "iterations=30",
+            "representation=patches",
+            "patch_size=2",
+            "centroids=4",
+        ],
+    )
+    tensor_rank.prepare(cfg)
+    unit = tensor_rank.units(cfg)[1]
+    data = tensor_rank.task_data(unit.params)
+    assert data["levels"] == 4 and data["x_train"].shape == (600, 16)
+    assert int(data["x_train"].max()) <= 3
+    res = tensor_rank.run(cfg, tmp_path / "run", progress=False)
+    means = {(m["variant"], m["predictor"]): m for m in res["summary"]["means"]}
+    assert means[("original", "cp")]["train_mean"] < means[("rand_label", "cp")]["train_mean"]
+    bad = with_overrides(cfg, ["patch_size=9"])
+    with pytest.raises(ValueError, match="does not fit"):
+        tensor_rank.prepare(bad)
+
+
+@needs_data
+def test_reduced_figure4_on_real_mnist(tmp_path):
+    """A few thousand real images: original fit far better than both random variants."""
+    cfg = with_overrides(
+        tensor_rank.TensorRankConfig(),
+        [
+            f"data_dir={DATA}",
+            "datasets=mnist",
+            "classes=6,9",
+            "ranks=1,3",
+            "train_samples=4000",
+            "test_samples=1000",
+            "iterations=60",
+        ],
+    )
+    res = tensor_rank.run(cfg, tmp_path / "run", progress=False)
+    means = {(m["variant"], m["predictor"], m["rank"]): m for m in res["summary"]["means"]}
+    var = res["summary"]["variance"]["mnist"]
+    for rank in (1, 3):
+        orig = means[("original", "cp", rank)]
+        for v in ("rand_image", "rand_label"):
+            rnd = means[(v, "cp", rank)]
+            assert orig["train_mean"] < 0.5 * rnd["train_mean"]
+            assert rnd["test_mean"] > var
+        assert orig["test_mean"] < var
+    # the linear predictor fits the original worse than rank 3 CP
+    assert (
+        means[("original", "linear", "")]["train_mean"] > means[("original", "cp", 3)]["train_mean"]
+    )
