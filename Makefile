@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_cp_step.py
 	$(BIN)/python bench/bench_tf_dynamics.py
 	$(BIN)/python bench/bench_cp_large.py
+	$(BIN)/python bench/bench_tensor_rank_fit.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -38,14 +38,27 @@ def main() -> None:
     ap.add_argument("--rel-tol", type=float, default=1e-5)
     ap.add_argument("--max-iter", type=int, default=3000)
     args = ap.parse_args()
+    if not (args.data_dir / "mnist").is_dir():
+        print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
+        return
     data = load_dataset("mnist", args.data_dir)
     x = torch.from_numpy(discretize(data["train"].images))
     y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float32))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    marks = []
     start = time.perf_counter()
-    res = fit_exp_sum(x, y, args.rank, iterations=args.max_iter, rel_tol=args.rel_tol)
+
+    def record(it, loss):
+        if it % 250 == 0:
+            marks.append((it, time.perf_counter() - start, float(loss[0])))
+
+    res = fit_exp_sum(
+        x, y, args.rank, iterations=args.max_iter, rel_tol=args.rel_tol, callback=record
+    )
     ours = time.perf_counter() - start
+    for it, sec, loss in marks:
+        print(f"  iteration {it:5d}: {sec:6.1f} s, train MSE {loss:.5f}")
     print(
         f"implreg L-BFGS: {ours:.1f} s, {res.iterations} iterations, "
         f"{res.evaluations} evaluations, "
