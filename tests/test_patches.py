@@ -120,7 +120,7 @@ def test_patch_centroids_refuse_bad_shapes():
 
 
 def test_fit_is_sklearn_kmeans_and_encode_is_its_predict():
-    cluster = pytest.importorskip("sklearn.cluster")
+    from sklearn import cluster  # a core dependency: a missing install must fail, not skip
     from threadpoolctl import threadpool_limits
 
     images = _images(5, 40, 8, 8)
@@ -141,7 +141,6 @@ def test_fit_is_sklearn_kmeans_and_encode_is_its_predict():
 
 
 def test_fit_is_deterministic_given_the_seed():
-    pytest.importorskip("sklearn")
     images = _images(1, 60, 8, 8)
     a = PatchCentroids.fit(images, 8, 2, seed=4, max_patches=300)
     b = PatchCentroids.fit(images, 8, 2, seed=4, max_patches=300)
@@ -179,7 +178,6 @@ def test_fit_refuses_bad_arguments():
 
 @needs_data
 def test_mnist_patch_inputs_smoke():
-    pytest.importorskip("sklearn")
     data = load_dataset("mnist", DATA)
     train, test = data["train"].images[:2000], data["test"].images[:500]
     x_train, x_test, levels = patch_task_inputs(train, test, 4, 16, seed=0, max_patches=20000)
