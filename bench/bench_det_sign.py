@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from implreg.det_sign_kernel import OBSERVED, TARGET
-from implreg.experiments import det_sign as ds
+from implreg.api import run_preset
+from implreg.config import with_overrides
 from implreg.experiments import get_preset
-from implreg.experiments.config import with_overrides
+from implreg.factorizations.det_sign import OBSERVED, TARGET, init_layers
 
 
 def reference_rate(depth: int, steps: int) -> float:
     layers = torch.tensor(
-        ds.init_layers(depth, "random", 1e-3, np.random.default_rng(0)), requires_grad=True
+        init_layers(depth, "random", 1e-3, np.random.default_rng(0)), requires_grad=True
     )
     target, mask = torch.tensor(TARGET), torch.tensor(OBSERVED)
     start = time.perf_counter()
@@ -48,14 +48,14 @@ def main() -> None:
     cfg = with_overrides(get_preset("mf-det-sign").config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        out = ds.run(cfg, Path(tmp), progress=False)
+        out = run_preset(cfg, out=Path(tmp) / "run", log=lambda *_: None)
         wall = time.perf_counter() - start
-    steps = sum(r["steps"] for r in out["summary"]["runs"])
+    steps = sum(r["steps"] for r in out.summary["runs"])
     ref = reference_rate(3, 5000)
-    print(ds.summary_text(out["summary"]))
+    print(out.summary_text())
     print(
         f"implreg mf-det-sign: {wall:.1f} s wall for {steps} GD steps over "
-        f"{len(out['summary']['runs'])} runs, target <= 300 s: "
+        f"{len(out.summary['runs'])} runs, target <= 300 s: "
         f"{'MET' if wall <= 300 else 'NOT MET'}"
     )
     print(

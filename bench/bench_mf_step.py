@@ -15,7 +15,7 @@ import argparse
 import torch
 from timing import rate
 
-from implreg.experiments.mf_common import problem
+from implreg.experiments.mf_fit import problem
 from implreg.factorizations.matrix import MatrixCompletion, mf_init
 from implreg.losses import L2Loss
 from implreg.optim import AdaptiveGD

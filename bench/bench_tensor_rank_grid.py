@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from implreg.experiments import tensor_rank
-from implreg.experiments.config import with_overrides
+from implreg.api import run_preset
+from implreg.config import with_overrides
+from implreg.experiments import tensor_rank_complexity as tensor_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,18 +36,20 @@ def main() -> None:
     args = ap.parse_args()
     cfg = with_overrides(tensor_rank.TensorRankConfig(), args.overrides)
     cfg = dataclasses.replace(cfg, data_dir=str(args.data_dir.resolve()))
-    tensor_rank.prepare(cfg)
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-tensor-rank-"))
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-tensor-rank-")) / "run"
     fits = len(cfg.datasets) * len(cfg.variants) * len(cfg.classes) * len(set(cfg.ranks))
     print(f"{fits} fits into {out}")
     start = time.perf_counter()
-    res = tensor_rank.run(cfg, out, progress=True)
+    if (out / "config.json").exists():  # continue the grid in that folder
+        res = run_preset(out=out, resume=True, progress=True)
+    else:
+        res = run_preset(cfg, out=out, progress=True)
     wall = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     for f in sorted((out / "units").glob("*.json")):
-        u = json.loads(f.read_text())
+        u = json.loads(f.read_text())["result"]
         print(f"{f.stem:<36} {u['seconds']:7.1f} s  {u.get('iterations', '-')} iterations")
-    print(tensor_rank.summary_text(res["summary"]))
+    print(res.summary_text())
     print(
         f"grid of {fits} fits: {wall:.0f} s wall ({wall / 3600:.2f} h), peak RSS {peak_gb:.2f} GB"
     )

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
+from implreg.api import run_preset
+from implreg.config import with_overrides
+from implreg.experiments import cp_dynamics as td
 from implreg.experiments import get_preset
-from implreg.experiments import tensor_dynamics as td
-from implreg.experiments.config import with_overrides
 
 
-def reference_rate(cfg: td.TensorDynamicsConfig, iterations: int) -> float:
+def reference_rate(cfg: td.CPDynamicsConfig, iterations: int) -> float:
     from implreg.optim import AdaptiveGD
 
-    prep = td.prepare(cfg)
+    prep = td.build_problem(cfg)
     eng = prep.engine
     dims = list(cfg.dims)
     target = torch.zeros(dims).flatten()
@@ -58,13 +59,13 @@ def main() -> None:
     cfg = with_overrides(get_preset("tf-dynamics").config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        out = td.run(cfg, Path(tmp), progress=False, log=lambda *_: None)
+        out = run_preset(cfg, out=Path(tmp) / "run", log=lambda *_: None)
         wall = time.perf_counter() - start
-    summary = out["summary"]
+    summary = out.summary
     run_its = sum(r["stopped_at"] for r in summary["runs"])
     ref = reference_rate(cfg, args.reference_iterations)
     ref_wall = run_its / ref
-    print(td.summary_text(summary))
+    print(out.summary_text())
     print(
         f"implreg tf-dynamics: {wall:.1f} s wall for {run_its} run-iterations "
         f"({run_its / wall:.0f} run-iterations/s), target <= 60 s: "

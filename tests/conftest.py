@@ -49,3 +49,21 @@ def dense_by_definition(factors):
                 comp = torch.tensordot(comp, f[b, :, r], dims=0)
             out[b] += comp
     return out
+
+
+def run_config(cfg, out, **kw):
+    """Run a config object into ``out`` through the library API, quietly."""
+    from implreg.api import run_preset
+
+    return run_preset(cfg, out=out, log=lambda *_: None, **kw)
+
+
+class StopAfter:
+    """An interrupt flag raised when polled for the ``k + 1``-th time."""
+
+    def __init__(self, k: int):
+        self.k, self.calls = k, 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls > self.k

@@ -14,7 +14,7 @@ import pytest
 
 from implreg.cli import main
 from implreg.experiments import PRESETS
-from implreg.experiments import tensor_dynamics as td
+from implreg.experiments import cp_dynamics as td
 
 SMALL = [
     "--set",
@@ -74,11 +74,16 @@ BAD = [
     (["run", "tf-dynamics", "--set", "bogus=1"], "unknown key 'bogus'"),
     (["run", "tf-dynamics", "--set", "rank=abc"], "rank must be an integer"),
     (["run", "tf-dynamics", "--set", "rank=2.5"], "rank must be an integer"),
-    (["run", "tf-dynamics", "--set", "rank=0"], "rank must be positive"),
-    (["run", "tf-dynamics", "--set", "dims=10,0,10"], "every mode size must be positive"),
-    (["run", "tf-dynamics", "--set", "dims=10"], "order of at least 2"),
-    (["run", "tf-dynamics", "--set", "init_stds=0.01,-0.5"], "every init std must be positive"),
-    (["run", "tf-dynamics", "--set", "init_stds=0"], "every init std must be positive"),
+    (["run", "tf-dynamics", "--set", "rank=0"], "rank must be >= 1, got 0"),
+    (["run", "tf-dynamics", "--set", "dims=10,0,10"], "every value of dims must be >= 1"),
+    (["run", "tf-dynamics", "--set", "dims=10"], "dims needs at least 2 values"),
+    (["run", "tf-dynamics", "--set", "init_stds=0.01,-0.5"], "init_stds must be positive"),
+    (["run", "tf-dynamics", "--set", "init_stds=0"], "every value of init_stds must be positive"),
+    (["run", "tf-dynamics", "--set", "rank=5", "--set", "rank=6"], "'rank' is set twice"),
+    (["run", "tf-dynamics", "--set", "max_iterations=1e300"], "max_iterations is too large"),
+    (["run", "tf-dynamics", "--set", "learned_fraction=1"], "learned_fraction must be in (0, 1)"),
+    (["run", "tf-dynamics", "--backend", "dask"], "backend must be one of local, ray"),
+    (["run", "tf-dynamics", "--device", "tpu"], "device must be one of cpu, cuda"),
     (["run", "tf-dynamics", "--set", "num_observations=20000"], "larger than the tensor"),
     (["run", "tf-dynamics", "--set", "lr=nan"], "lr must be a finite number"),
     (["run", "tf-dynamics", "--set", "init_stds=0.01,inf"], "init_stds must be a finite number"),
@@ -175,7 +180,7 @@ def test_signal_writes_checkpoint_and_resume_is_bit_identical(tmp_path, sig):
     )
     assert done.returncode == 0, done.stderr
     assert (cut / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
-    a, b = td.load_norms(ref), td.load_norms(cut)
+    a, b = td.EXPERIMENT.load_trajectories(ref), td.EXPERIMENT.load_trajectories(cut)
     assert np.array_equal(a["iterations"], b["iterations"])
     assert np.array_equal(a["norms"], b["norms"], equal_nan=True)
     assert not (cut / "checkpoint.pt").exists()

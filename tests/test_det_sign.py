@@ -7,11 +7,20 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import run_config
 
 from implreg.cli import main
-from implreg.det_sign_kernel import OBSERVED, TARGET, loss_and_grads, run_gd
 from implreg.experiments import PRESETS
-from implreg.experiments import det_sign as ds
+from implreg.experiments import mf_det_sign as ds
+from implreg.factorizations.det_sign import (
+    OBSERVED,
+    TARGET,
+    init_layers,
+    loss_and_grads,
+    product,
+    run_gd,
+)
+from implreg.sweep import load_results
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -35,19 +44,19 @@ def test_inits_have_positive_det_and_balanced_is_balanced(depth):
     rng = np.random.default_rng(0)
     for _ in range(20):
         for init in ("random", "balanced"):
-            layers = ds.init_layers(depth, init, 1e-3, rng)
-            assert np.linalg.det(ds.product(layers)) > 0
-        bal = ds.init_layers(depth, "balanced", 1e-3, rng)
+            layers = init_layers(depth, init, 1e-3, rng)
+            assert np.linalg.det(product(layers)) > 0
+        bal = init_layers(depth, "balanced", 1e-3, rng)
         for j in range(depth - 1):
             assert np.allclose(bal[j + 1].T @ bal[j + 1], bal[j] @ bal[j].T, atol=1e-15)
     # the random init's product has entry std end_std
-    prods = np.stack([ds.product(ds.init_layers(depth, "random", 1e-3, rng)) for _ in range(4000)])
+    prods = np.stack([product(init_layers(depth, "random", 1e-3, rng)) for _ in range(4000)])
     assert prods.std() == pytest.approx(1e-3, rel=0.1)
 
 
 def test_plain_gd_is_the_obvious_loop():
     rng = np.random.default_rng(3)
-    layers = ds.init_layers(3, "random", 1e-1, rng)
+    layers = init_layers(3, "random", 1e-1, rng)
     ref = torch.tensor(layers.copy(), requires_grad=True)
     status, steps, _ = run_gd(layers, 1e-2, 0.0, 1e-30, 50, 0.9)
     assert status == 1 and steps == 50
@@ -60,7 +69,7 @@ def test_plain_gd_is_the_obvious_loop():
 
 
 def _run(cfg, tmp_path):
-    return ds.run(cfg, tmp_path, progress=False)
+    return run_config(cfg, tmp_path)
 
 
 def test_flow_follows_the_rank_one_path_and_keeps_det_positive(tmp_path):
@@ -73,15 +82,14 @@ def test_flow_follows_the_rank_one_path_and_keeps_det_positive(tmp_path):
         workers=1,
     )
     out = _run(cfg, tmp_path)
-    for r in out["summary"]["runs"]:
+    for r in out.summary["runs"]:
         assert r["status"] == "reached_loss_tol"
         assert not r["crossed_det_zero"] and r["final_det"] > 0
         assert r["final_abs_w11"] == pytest.approx(r["rank_one_abs_w11"], rel=0.02)
         assert r["final_abs_w11"] > 20  # (2 * 1e-3) ** -0.5 = 22.4
         # every norm and quasi-norm grows while the effective rank falls towards 1
-        rec = ds.load_results(tmp_path, ds.units(cfg))[f"depth{r['depth']}-flow-balanced"][
-            "records"
-        ]
+        units = ds.EXPERIMENT.units(cfg)
+        rec = load_results(tmp_path, units)[f"depth{r['depth']}-flow-balanced"]["records"]
         for key in rec:
             if key.startswith("schatten_"):
                 assert rec[key][-1] > 1000 * rec[key][0]
@@ -116,10 +124,10 @@ def test_published_gd_at_depth_2_crosses_det_zero_and_is_flagged(tmp_path, capsy
 
 def test_bad_input(tmp_path, capsys):
     for key, msg in [
-        ("depths=0,2", "every depth must be >= 1"),
+        ("depths=0,2", "every value of depths must be >= 1"),
         ("end_std=-1", "end_std must be positive"),
-        ("modes=gd,exact", "modes must be from"),
-        ("flow_c=2", "flow_c must lie in"),
+        ("modes=gd,exact", "modes must be one of 'gd', 'flow'"),
+        ("flow_c=2", "flow_c must be in (0, 1)"),
     ]:
         out = tmp_path / key.split("=")[0]
         assert main(["run", "mf-det-sign", "--set", key, "--out", str(out)]) == 2

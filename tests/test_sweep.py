@@ -1,40 +1,94 @@
-"""Grids of units: finished units are never recomputed; an interrupt stops submitting."""
+"""The sweep engine: typed units run once, resume, refuse foreign unit files, stop on interrupt."""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 
-from implreg.sweep import Unit, load_results, run_units
+import pytest
+from conftest import StopAfter
 
-
-def square(params: dict) -> dict:
-    return {"value": params["x"] ** 2}
-
-
-class _Flag:
-    def __init__(self, after: int):
-        self.after, self.calls = after, 0
-
-    def is_set(self) -> bool:
-        self.calls += 1
-        return self.calls > self.after
+from implreg.config import ConfigError
+from implreg.sweep import load_results, run_grid, unit_path, worker_cache
 
 
-def test_units_run_once_and_resume(tmp_path):
-    units = [Unit(f"u{i}", {"x": i}) for i in range(5)]
-    results, interrupted = run_units(units[:3], square, tmp_path, workers=1)
-    assert not interrupted and results == {f"u{i}": {"value": i * i} for i in range(3)}
-    # tamper with a finished unit: it must be read back, not recomputed
-    (tmp_path / "units" / "u1.json").write_text(json.dumps({"value": -1}))
-    results, _ = run_units(units, square, tmp_path, workers=2)
-    assert results["u1"] == {"value": -1}
-    assert results["u4"] == {"value": 16}
+@dataclass(frozen=True)
+class Square:
+    name: str
+    x: int
+
+    def execute(self, should_stop=None) -> dict:
+        return {"value": self.x**2, "pid": os.getpid()}
+
+
+@dataclass(frozen=True)
+class Boom:
+    name: str
+
+    def execute(self, should_stop=None) -> dict:
+        raise ValueError("boom in a unit")
+
+
+def _values(results: dict) -> dict:
+    return {k: v["value"] for k, v in results.items()}
+
+
+def test_units_run_once_resume_and_are_read_back(tmp_path):
+    units = [Square(f"u{i}", i) for i in range(5)]
+    results, interrupted = run_grid(units[:3], tmp_path, workers=1)
+    assert not interrupted and _values(results) == {f"u{i}": i * i for i in range(3)}
+    saved = json.loads(unit_path(tmp_path, "u1").read_text())
+    assert saved["unit"] == {"type": "Square", "name": "u1", "x": 1}
+    # tamper with a finished result: it must be read back, not recomputed
+    saved["result"]["value"] = -1
+    unit_path(tmp_path, "u1").write_text(json.dumps(saved))
+    results, _ = run_grid(units, tmp_path, workers=2)
+    assert results["u1"]["value"] == -1 and results["u4"]["value"] == 16
+    assert results["u4"]["pid"] != os.getpid()  # ran in a pool worker
     assert set(load_results(tmp_path, units)) == {f"u{i}" for i in range(5)}
 
 
-def test_interrupt_keeps_finished_units(tmp_path):
-    units = [Unit(f"u{i}", {"x": i}) for i in range(4)]
-    results, interrupted = run_units(units, square, tmp_path, workers=1, interrupt=_Flag(2))
+def test_a_unit_file_of_other_settings_is_refused(tmp_path):
+    run_grid([Square("u0", 2)], tmp_path)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_grid([Square("u0", 3)], tmp_path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupt_keeps_finished_units(tmp_path, workers):
+    units = [Square(f"u{i}", i) for i in range(4)]
+    results, interrupted = run_grid(units, tmp_path, workers=workers, interrupt=StopAfter(0))
+    assert interrupted and not results
+    results, interrupted = run_grid(units, tmp_path, workers=1, interrupt=StopAfter(2))
     assert interrupted and set(results) == {"u0", "u1"}
-    results, interrupted = run_units(units, square, tmp_path, workers=1)
+    results, interrupted = run_grid(units, tmp_path, workers=workers)
     assert not interrupted and len(results) == 4
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_unit_raises_its_error_and_keeps_the_others(tmp_path, workers):
+    with pytest.raises(ValueError, match="boom in a unit"):
+        run_grid([Square("a", 1), Boom("b")], tmp_path, workers=workers)
+    assert unit_path(tmp_path, "a").exists() or workers == 2
+    assert not unit_path(tmp_path, "b").exists()
+
+
+def test_repeated_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="repeat"):
+        run_grid([Square("u", 1), Square("u", 2)], tmp_path)
+
+
+def test_worker_cache_builds_once_and_keeps_the_last_four():
+    calls = []
+
+    def build(k):
+        calls.append(k)
+        return k * 10
+
+    assert [worker_cache(("t", k), lambda k=k: build(k)) for k in (1, 1, 2)] == [10, 10, 20]
+    assert calls == [1, 2]
+    for k in range(3, 8):
+        worker_cache(("t", k), lambda k=k: build(k))
+    worker_cache(("t", 1), lambda: build(1))
+    assert calls == [1, 2, 3, 4, 5, 6, 7, 1]

@@ -7,13 +7,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import StopAfter, run_config
 
+from implreg.api import run_preset
 from implreg.cli import main
+from implreg.config import check
 from implreg.experiments import PRESETS
-from implreg.experiments import tensor_dynamics as td
-from implreg.metrics import Recorder, learned_components, top_components
+from implreg.experiments import cp_dynamics as td
+from implreg.experiments.dynamics import trajectories
+from implreg.metrics import learned_components, top_components
+from implreg.training import Recorder
 
-TINY = td.TensorDynamicsConfig(
+TINY = td.CPDynamicsConfig(
     dims=(4, 4, 4),
     gt_rank=2,
     rank=20,
@@ -25,14 +30,18 @@ TINY = td.TensorDynamicsConfig(
 
 
 def _run(cfg, tmp_path, **kw):
-    return td.run(cfg, tmp_path, progress=False, log=lambda *_: None, **kw)
+    return run_config(cfg, tmp_path, **kw)
+
+
+def load_norms(run_dir):
+    return td.EXPERIMENT.load_trajectories(run_dir)
 
 
 def test_reduced_figure3_incremental_learning_and_ordering(tmp_path):
     """Figure 3 at R = 200: five components leave zero one at a time at init 0.005."""
     cfg = dataclasses.replace(PRESETS["tf-dynamics"].config, rank=200, max_iterations=20000, seed=3)
     out = _run(cfg, tmp_path)
-    runs = {r["init_std"]: r for r in out["summary"]["runs"]}
+    runs = {r["init_std"]: r for r in out.summary["runs"]}
     small = runs[0.005]
     assert small["status"] == "converged"
     assert small["n_learned"] == 5
@@ -48,7 +57,7 @@ def test_reduced_figure3_incremental_learning_and_ordering(tmp_path):
 
 def test_trajectories_track_component_identity(tmp_path):
     _run(TINY, tmp_path)
-    data = td.load_norms(tmp_path)
+    data = load_norms(tmp_path)
     norms = data["norms"]
     assert norms.shape[1:] == (2, 20)
     # the top components by final norm are followed over time, not re-sorted per record
@@ -62,7 +71,7 @@ def test_trajectories_track_component_identity(tmp_path):
 def test_gather_and_dense_methods_agree(tmp_path):
     a = _run(dataclasses.replace(TINY, method="dense"), tmp_path / "a")
     b = _run(dataclasses.replace(TINY, method="gather"), tmp_path / "b")
-    for ra, rb in zip(a["summary"]["runs"], b["summary"]["runs"]):
+    for ra, rb in zip(a.summary["runs"], b.summary["runs"]):
         assert ra["final_train_loss"] == pytest.approx(rb["final_train_loss"], rel=1e-8)
         assert ra["final_reconstruction_error"] == pytest.approx(
             rb["final_reconstruction_error"], rel=1e-8
@@ -72,7 +81,7 @@ def test_gather_and_dense_methods_agree(tmp_path):
 def test_sampled_reconstruction_error_estimates_the_full_one(tmp_path):
     full = _run(TINY, tmp_path / "full")
     sampled = _run(dataclasses.replace(TINY, dense_max=10, recon_sample=20000), tmp_path / "s")
-    for rf, rs in zip(full["summary"]["runs"], sampled["summary"]["runs"]):
+    for rf, rs in zip(full.summary["runs"], sampled.summary["runs"]):
         assert rs["final_reconstruction_error"] == pytest.approx(
             rf["final_reconstruction_error"], rel=0.05
         )
@@ -84,22 +93,22 @@ def test_sensing_fits_the_measurements(tmp_path, measurement):
         TINY, task="sensing", measurement=measurement, num_observations=60, max_iterations=1500
     )
     out = _run(cfg, tmp_path)
-    its = td.load_norms(tmp_path)["iterations"]
+    its = load_norms(tmp_path)["iterations"]
     assert its[0] == 0
-    for r in out["summary"]["runs"]:
+    for r in out.summary["runs"]:
         assert r["final_train_loss"] < 1e-3
 
 
 def test_huber_preset_is_below_the_residual_scale_and_large_delta_warns():
-    td.prepare(PRESETS["tf-huber"].config)  # pytest turns any warning into an error
+    td.build_problem(PRESETS["tf-huber"].config)  # pytest turns any warning into an error
     with pytest.warns(UserWarning, match="equals half the squared error"):
-        td.prepare(dataclasses.replace(TINY, loss="huber", huber_delta=10.0))
+        td.build_problem(dataclasses.replace(TINY, loss="huber", huber_delta=10.0))
 
 
 def test_huber_run_converges(tmp_path):
     cfg = dataclasses.replace(TINY, loss="huber", huber_delta=0.01, max_iterations=400)
     out = _run(cfg, tmp_path)
-    assert all(r["final_train_loss"] < 1e-3 for r in out["summary"]["runs"])
+    assert all(r["final_train_loss"] < 1e-3 for r in out.summary["runs"])
 
 
 def test_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path, capsys):
@@ -135,46 +144,35 @@ def test_non_finite_loss_stops_the_run_naming_the_iteration(tmp_path, capsys):
     assert summary["runs"][0]["stopped_at"] < 50
 
 
-class _StopAt:
-    """An interrupt raised when polled for the ``k``-th time."""
-
-    def __init__(self, k: int):
-        self.k, self.calls = k, 0
-
-    def is_set(self) -> bool:
-        self.calls += 1
-        return self.calls > self.k
-
-
 @pytest.mark.parametrize("k", [0, 1, 17, 149])
 def test_resume_after_interrupt_is_bit_identical(tmp_path, k):
     cfg = dataclasses.replace(TINY, tol=0.0, max_iterations=150, log_every=7)
     _run(cfg, tmp_path / "ref")
     cut = tmp_path / "cut"
-    first = _run(cfg, cut, interrupt=_StopAt(k))
-    assert first["interrupted"] and first["iteration"] == k
+    first = _run(cfg, cut, interrupt=StopAfter(k))
+    assert first.interrupted and first.outcome.where.startswith(f"iteration {k};")
     assert (cut / "checkpoint.pt").exists()
-    second = _run(cfg, cut, resume=True)
-    assert not second["interrupted"]
+    second = run_preset(out=cut, resume=True, log=lambda *_: None)
+    assert not second.interrupted
     assert (cut / "metrics.csv").read_text() == (tmp_path / "ref" / "metrics.csv").read_text()
-    a, b = td.load_norms(tmp_path / "ref"), td.load_norms(cut)
+    a, b = load_norms(tmp_path / "ref"), load_norms(cut)
     assert np.array_equal(a["norms"], b["norms"], equal_nan=True)
 
 
 def test_stopped_runs_drop_out_and_are_recorded_as_nan(tmp_path):
     cfg = dataclasses.replace(TINY, max_iterations=2000, tol=1e-6, patience=2, check_every=5)
     out = _run(cfg, tmp_path)
-    stops = [r["stopped_at"] for r in out["summary"]["runs"]]
+    stops = [r["stopped_at"] for r in out.summary["runs"]]
     assert all(s is not None for s in stops)
-    data = td.load_norms(tmp_path)
+    data = load_norms(tmp_path)
     its, norms = data["iterations"], data["norms"]
     for b, s in enumerate(stops):
         assert np.isfinite(norms[its <= s, b]).all()
         assert np.isnan(norms[its > s, b]).all()
         # the plotted top components of a stopped run are its learned components
-        its_b, norms_b = td.trajectories(its, norms, b)
+        its_b, norms_b = trajectories(its, norms, b)
         assert its_b[-1] == s
-        learned = {c["component"] for c in out["summary"]["runs"][b]["learned"]}
+        learned = {c["component"] for c in out.summary["runs"][b]["learned"]}
         assert learned <= set(top_components(norms_b, len(learned)).tolist())
 
 
@@ -192,7 +190,7 @@ def test_recorder_memory_is_bounded_and_keeps_early_and_forced_records():
 
 def test_presets_validate():
     for preset in PRESETS.values():
-        preset.config.validate()
+        check(preset.config)
 
 
 def test_learned_components_rule():
@@ -217,7 +215,7 @@ def test_learned_components_rule():
 def test_full_figure3_preset(tmp_path):
     """The whole tf-dynamics preset (about 20 s here): `pytest -m slow`."""
     out = _run(PRESETS["tf-dynamics"].config, tmp_path)
-    runs = {r["init_std"]: r for r in out["summary"]["runs"]}
+    runs = {r["init_std"]: r for r in out.summary["runs"]}
     small = runs[0.005]
     assert small["n_learned"] == 5
     assert small["next_largest_over_smallest_learned"] < 0.01

@@ -1,4 +1,4 @@
-"""The tensor-rank-complexity preset (paper Figure 4; REFERENCE §2), reduced.
+"""The tensor-rank-complexity preset (Razin et al. 2021, Figure 4), reduced.
 
 Most tests use a small synthetic data folder in the IDX format (so they run
 wherever the package is installed); the last ones use the real MNIST /
@@ -8,6 +8,7 @@ Fashion-MNIST from ../shared/data and skip without it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import os
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_config
 
+from implreg.api import run_preset
 from implreg.cli import main
-from implreg.experiments import tensor_rank
-from implreg.experiments.config import with_overrides
+from implreg.config import with_overrides
+from implreg.experiments import tensor_rank_complexity as tensor_rank
+from implreg.experiments.image_tasks import task_data
 
 DATA = Path(
     os.environ.get("IMPLREG_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -110,7 +114,7 @@ def test_csv_values_match_units_and_aggregates(tmp_path, fake_data):
         == 0
     )
     rows = _rows(out)
-    unit = json.loads((out / "units" / "fit-mnist-images-r2.json").read_text())
+    unit = json.loads((out / "units" / "fit-mnist-images-r2.json").read_text())["result"]
     row = next(
         r for r in rows if r["variant"] == "rand_label" and r["rank"] == "2" and r["class"] == "5"
     )
@@ -128,7 +132,7 @@ def test_interrupted_grid_resumes_to_the_same_results(tmp_path, fake_data):
         [f"data_dir={fake_data}", "datasets=mnist", "ranks=1,2", "classes=3", "iterations=30"],
     )
 
-    class StopAfter:
+    class UnitsWritten:
         """Looks set once ``n`` units have been written."""
 
         def __init__(self, folder: Path, n: int):
@@ -138,40 +142,40 @@ def test_interrupted_grid_resumes_to_the_same_results(tmp_path, fake_data):
             return len(list((self.folder / "units").glob("*.json"))) >= self.n
 
     part = tmp_path / "part"
-    first = tensor_rank.run(cfg, part, progress=False, interrupt=StopAfter(part, 2))
-    assert first["interrupted"] and not (part / "summary.json").exists()
+    first = run_config(cfg, part, interrupt=UnitsWritten(part, 2))
+    assert first.interrupted and not (part / "summary.json").exists()
     assert len(list((part / "units").glob("*.json"))) == 2
-    done = tensor_rank.run(cfg, part, resume=True, progress=False)
-    whole = tensor_rank.run(cfg, tmp_path / "whole", progress=False)
-    assert not done["interrupted"]
+    done = run_preset(out=part, resume=True, log=lambda *_: None)
+    whole = run_config(cfg, tmp_path / "whole")
+    assert not done.interrupted
     assert _rows(part) == _rows(tmp_path / "whole")
-    assert whole["summary"]["means"] == done["summary"]["means"]
+    assert whole.summary["means"] == done.summary["means"]
 
 
 def test_rank_order_and_class_subsets_are_independent(tmp_path, fake_data):
     """A fit does not depend on which other ranks or classes are in the grid."""
     base = [f"data_dir={fake_data}", "datasets=mnist", "variants=original", "iterations=25"]
-    a = tensor_rank.run(
+    a = run_config(
         with_overrides(tensor_rank.TensorRankConfig(), [*base, "ranks=2", "classes=4"]),
         tmp_path / "a",
-        progress=False,
     )
-    b = tensor_rank.run(
+    b = run_config(
         with_overrides(tensor_rank.TensorRankConfig(), [*base, "ranks=1,2", "classes=4"]),
         tmp_path / "b",
-        progress=False,
     )
-    pick = lambda res: next(m for m in res["summary"]["means"] if m["rank"] == 2)  # noqa: E731
+    pick = lambda res: next(m for m in res.summary["means"] if m["rank"] == 2)  # noqa: E731
     assert pick(a)["train_mean"] == pick(b)["train_mean"]
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--set", "classes=3,10"], "class must lie in 0-9"),
-        (["--set", "ranks=0,2"], "rank must be at least 1"),
-        (["--set", "datasets=cifar"], "unknown dataset"),
-        (["--set", "variants=shuffled"], "unknown variant"),
+        (["--set", "classes=3,10"], "every value of classes must be in [0, 9]"),
+        (["--set", "classes=3,3"], "classes repeats a value"),
+        (["--set", "ranks=0,2"], "every value of ranks must be >= 1"),
+        (["--set", "datasets=cifar"], "datasets must be one of 'mnist', 'fashion-mnist'"),
+        (["--set", "variants=shuffled"], "variants must be one of"),
+        (["--set", "workers=0"], "workers must be >= 1"),
     ],
 )
 def test_bad_settings_are_one_sentence_and_no_folder(tmp_path, fake_data, capsys, extra, message):
@@ -245,27 +249,22 @@ def test_data_dir_flag_is_refused_by_presets_without_data(tmp_path, capsys):
 
 
 def test_rand_label_and_rand_image_are_seeded_and_shared_across_ranks(fake_data):
-    params = {
-        "data_dir": str(fake_data),
-        "dataset": "mnist",
-        "inputs": "images",
-        "variants": ["original", "rand_label"],
-        "classes": [1, 2],
-        "train_samples": 0,
-        "test_samples": 0,
-        "seed": 0,
-        "representation": "pixels",
-    }
-    a, b = tensor_rank.task_data(params), tensor_rank.task_data(params)
+    cfg = with_overrides(
+        tensor_rank.TensorRankConfig(),
+        [f"data_dir={fake_data}", "datasets=mnist", "classes=1,2", "ranks=1"],
+    )
+    units = {u.name: u for u in tensor_rank.EXPERIMENT.units(cfg)}
+    unit = units["fit-mnist-images-r1"]
+    a, b = task_data(unit), task_data(unit)
     assert np.array_equal(a["y_train"]["rand_label"], b["y_train"]["rand_label"])
     # a permutation: the class counts are kept, the assignment is not
     assert a["y_train"]["rand_label"].sum(0).tolist() == a["y_train"]["original"].sum(0).tolist()
     assert not np.array_equal(a["y_train"]["rand_label"], a["y_train"]["original"])
-    r = tensor_rank.task_data({**params, "inputs": "rand_image", "variants": ["rand_image"]})
+    r = task_data(units["fit-mnist-rand_image-r1"])
     assert set(np.unique(r["x_train"]).tolist()) == {0, 1}
     assert abs(r["x_train"].mean() - 0.5) < 0.02
     assert np.array_equal(r["y_train"]["rand_image"], a["y_train"]["original"])
-    c = tensor_rank.task_data({**params, "seed": 1})
+    c = task_data(dataclasses.replace(unit, seed=1))
     assert not np.array_equal(a["y_train"]["rand_label"], c["y_train"]["rand_label"])
 
 
@@ -284,17 +283,17 @@ def test_patch_centroid_inputs(tmp_path, fake_data):
             "centroids=4",
         ],
     )
-    tensor_rank.prepare(cfg)
-    unit = tensor_rank.units(cfg)[1]
-    data = tensor_rank.task_data(unit.params)
+    tensor_rank.EXPERIMENT.prepare(cfg)
+    unit = tensor_rank.EXPERIMENT.units(cfg)[1]
+    data = task_data(unit)
     assert data["levels"] == 4 and data["x_train"].shape == (600, 16)
     assert int(data["x_train"].max()) <= 3
-    res = tensor_rank.run(cfg, tmp_path / "run", progress=False)
-    means = {(m["variant"], m["predictor"]): m for m in res["summary"]["means"]}
+    res = run_config(cfg, tmp_path / "run")
+    means = {(m["variant"], m["predictor"]): m for m in res.summary["means"]}
     assert means[("original", "cp")]["train_mean"] < means[("rand_label", "cp")]["train_mean"]
     bad = with_overrides(cfg, ["patch_size=9"])
     with pytest.raises(ValueError, match="does not fit"):
-        tensor_rank.prepare(bad)
+        tensor_rank.EXPERIMENT.prepare(bad)
 
 
 @needs_data
@@ -312,9 +311,9 @@ def test_reduced_figure4_on_real_mnist(tmp_path):
             "iterations=60",
         ],
     )
-    res = tensor_rank.run(cfg, tmp_path / "run", progress=False)
-    means = {(m["variant"], m["predictor"], m["rank"]): m for m in res["summary"]["means"]}
-    var = res["summary"]["variance"]["mnist"]
+    res = run_config(cfg, tmp_path / "run")
+    means = {(m["variant"], m["predictor"], m["rank"]): m for m in res.summary["means"]}
+    var = res.summary["variance"]["mnist"]
     for rank in (1, 3):
         orig = means[("original", "cp", rank)]
         for v in ("rand_image", "rand_label"):

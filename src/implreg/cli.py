@@ -1,37 +1,20 @@
-"""Command line: ``implreg list | run | plot``.
+"""Command line: ``implreg list | show | run | sweep | plot``, a thin layer over :mod:`implreg.api`.
 
 Bad input (unknown preset or key, wrong type, impossible sizes, non-finite
 values) is reported in one sentence with exit code 2 before any folder is
-created.  Ctrl-C or SIGTERM during a run writes a checkpoint; ``implreg run
---resume RUN_DIR`` continues it bit-identically.
+created.  Ctrl-C or SIGTERM during a run stops it at a safe point;
+``implreg run --resume RUN_DIR`` continues it bit-identically.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as _dt
-import shutil
 import signal
 import sys
 from pathlib import Path
 
-from implreg.experiments import EXPERIMENTS, PRESETS, get_preset
-from implreg.experiments.config import ConfigError, from_mapping, to_mapping, with_overrides
-from implreg.runs import (
-    CHECKPOINT,
-    CONFIG,
-    SUMMARY,
-    create_run_dir,
-    read_json,
-    versions,
-    write_json,
-)
-from implreg.training import Interrupt
-
-
-class UsageError(Exception):
-    """Bad input: printed as one sentence, exit code 2."""
+from implreg.backends import BACKENDS
+from implreg.config import ConfigError, describe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,23 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the presets and the figures they reproduce")
+    show = sub.add_parser("show", help="every key of a preset: type, default, allowed values")
+    show.add_argument("preset")
     run = sub.add_parser("run", help="run a preset (or resume / redo a run folder)")
     run.add_argument("preset", nargs="?", help="preset name (see `implreg list`)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a configuration value (repeatable)",
-    )
-    run.add_argument("--out", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
-    run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
-    run.add_argument(
-        "--data-dir",
-        type=Path,
-        help="folder holding mnist/ and fashion-mnist/ IDX files (default: $IMPLREG_DATA_DIR)",
-    )
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument(
         "--config",
@@ -66,137 +36,130 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CONFIG_JSON",
         help="redo the run described by a run folder's config.json",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep = sub.add_parser("sweep", help="run a preset over seeds and aggregate")
+    sweep.add_argument("preset", help="preset name (see `implreg list`)")
+    sweep.add_argument("--seeds", required=True, help="seeds: 0-9, or 1,4,7, or 0-4,10")
+    for p in (run, sweep):
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a configuration value (repeatable)",
+        )
+        p.add_argument("--out", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            help="folder holding mnist/ and fashion-mnist/ IDX files (default: $IMPLREG_DATA_DIR)",
+        )
+        p.add_argument("--backend", default="local", help=f"{' | '.join(BACKENDS)} (default local)")
+        p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
     plot = sub.add_parser("plot", help="redraw the figures of a run folder")
     plot.add_argument("run_dir", type=Path)
     return ap
 
 
 def _cmd_list() -> int:
+    from implreg.experiments import PRESETS
+
     width = max(len(n) for n in PRESETS)
     for name, p in PRESETS.items():
         print(f"{name:<{width}}  {p.reproduces}\n{'':<{width}}  {p.description}")
     return 0
 
 
-def _resolve(args) -> tuple[str, str, object]:
-    """(preset name, experiment name, validated config) from the arguments."""
-    if args.config is not None:
-        if args.preset:
-            raise UsageError("give either a preset or --config, not both")
-        if not args.config.is_file():
-            raise UsageError(f"no config file at {args.config}")
-        saved = read_json(args.config)
-        module = EXPERIMENTS.get(saved.get("experiment", ""))
-        if module is None:
-            raise UsageError(f"{args.config} names no known experiment")
-        cfg = from_mapping(module.Config, saved["config"])
-        preset_name = saved.get("preset", saved["experiment"])
-        experiment = saved["experiment"]
-    else:
-        if not args.preset:
-            raise UsageError(
-                "name a preset to run (see `implreg list`), or use --resume / --config"
-            )
-        preset = get_preset(args.preset)
-        cfg = preset.config
-        preset_name, experiment = preset.name, preset.experiment
-    cfg = with_overrides(cfg, args.overrides)
-    if args.seed is not None:
-        cfg = with_overrides(cfg, [f"seed={args.seed}"])
-    if args.data_dir is not None:
-        if "data_dir" not in {f.name for f in dataclasses.fields(cfg)}:
-            raise UsageError(f"{preset_name} reads no data; --data-dir does not apply")
-        cfg = dataclasses.replace(cfg, data_dir=str(args.data_dir.resolve()))
-    return preset_name, experiment, cfg
+def _cmd_show(args) -> int:
+    from implreg.experiments import get_preset
+
+    preset = get_preset(args.preset)
+    assert preset.experiment is not None
+    print(f"{preset.name}: {preset.reproduces}\n{preset.description}")
+    print(f"experiment: {preset.experiment.name}\n")
+    rows = describe(preset.config)
+    heads = {"key": "key", "type": "type", "value": "default", "allowed": "allowed / bounds"}
+    for r in rows:
+        r["allowed"] = r["allowed"] or r["bounds"]
+    widths = {k: max(len(h), *(min(len(r[k]), 40) for r in rows)) for k, h in heads.items()}
+    print("  ".join(f"{h:<{widths[k]}}" for k, h in heads.items()) + "  meaning")
+    for r in rows:
+        cells = [f"{r[k]:<{widths[k]}}" for k in heads]
+        print("  ".join(cells) + f"  {r['doc']}")
+    return 0
 
 
 def _cmd_run(args) -> int:
+    from implreg.api import run_preset
+
     if args.resume is not None:
-        if (
-            args.preset
-            or args.overrides
-            or args.config
-            or args.seed is not None
-            or args.data_dir is not None
-        ):
-            raise UsageError("--resume takes only the run folder; its config.json is used as saved")
-        run_dir = args.resume
-        if not (run_dir / CONFIG).is_file():
-            raise UsageError(f"{run_dir} is not a run folder (no {CONFIG})")
-        if (run_dir / SUMMARY).is_file():
-            raise UsageError(f"the run in {run_dir} has already finished")
-        saved = read_json(run_dir / CONFIG)
-        experiment = saved["experiment"]
-        module = EXPERIMENTS[experiment]
-        cfg = from_mapping(module.Config, saved["config"])
-        try:
-            prepared = module.prepare(cfg)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        resume = True
-    else:
-        preset_name, experiment, cfg = _resolve(args)
-        module = EXPERIMENTS[experiment]
-        try:
-            prepared = module.prepare(cfg)  # validates; raises before any folder exists
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = args.out if args.out is not None else Path("runs") / f"{preset_name}-{stamp}"
-        try:
-            create_run_dir(run_dir)
-        except FileExistsError as exc:
-            raise UsageError(str(exc)) from None
-        write_json(
-            run_dir / CONFIG,
-            {
-                "preset": preset_name,
-                "experiment": experiment,
-                "config": to_mapping(cfg),
-                "seed": cfg.seed,
-                "versions": versions(),
-                "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            },
-        )
-        resume = False
-    with Interrupt() as stop:
-        print(f"run folder: {run_dir}", flush=True)  # signals are handled from here on
-        try:
-            result = module.run(
-                cfg,
-                run_dir,
-                prepared=prepared,
-                resume=resume,
-                progress=not args.no_progress,
-                interrupt=stop,
+        given = args.preset or args.overrides or args.config or args.seed is not None
+        if given or args.data_dir is not None:
+            raise ConfigError(
+                "--resume takes only the run folder; its config.json is used as saved"
             )
-        except BaseException:
-            finished_units = any((run_dir / "units").glob("*.json"))
-            if not resume and not (run_dir / CHECKPOINT).exists() and not finished_units:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-    if result["interrupted"]:
+        target = None
+    elif args.config is not None:
+        if args.preset:
+            raise ConfigError("give either a preset or --config, not both")
+        target = args.config
+    else:
+        target = args.preset
+    run = run_preset(
+        target,
+        out=args.resume if args.resume is not None else args.out,
+        seed=args.seed,
+        overrides=args.overrides,
+        resume=args.resume is not None,
+        data_dir=args.data_dir.resolve() if args.data_dir is not None else None,
+        device=args.device,
+        backend=args.backend,
+        progress=not args.no_progress,
+        log=lambda msg: print(msg, flush=True),
+    )
+    outcome = run.outcome
+    assert outcome is not None
+    if outcome.interrupted:
         print(
-            f"interrupted at iteration {result['iteration']}; checkpoint written. "
-            f"Resume with: implreg run --resume {run_dir}",
+            f"interrupted ({outcome.where}). Resume with: implreg run --resume {run.path}",
             file=sys.stderr,
         )
-        return 128 + (stop.signum or signal.SIGINT)
-    print(module.summary_text(result["summary"]))
-    print(f"figures and metrics in {run_dir}")
-    return result["exit_code"]
+        return 128 + (run.signum or signal.SIGINT)
+    print(run.summary_text())
+    print(f"figures and metrics in {run.path}")
+    return outcome.exit_code
+
+
+def _cmd_sweep(args) -> int:
+    from implreg.seeds import parse_seeds, seed_sweep
+
+    result = seed_sweep(
+        args.preset,
+        parse_seeds(args.seeds),
+        out=args.out,
+        overrides=args.overrides,
+        data_dir=args.data_dir.resolve() if args.data_dir is not None else None,
+        backend=args.backend,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if result.interrupted:
+        print(f"interrupted; resume with the same command and --out {result.path}", file=sys.stderr)
+        return 130
+    print(result.text)
+    print(f"aggregate and figure in {result.path}")
+    return 0
 
 
 def _cmd_plot(args) -> int:
-    run_dir = args.run_dir
-    if not (run_dir / CONFIG).is_file():
-        raise UsageError(f"{run_dir} is not a run folder (no {CONFIG})")
-    saved = read_json(run_dir / CONFIG)
-    module = EXPERIMENTS.get(saved.get("experiment", ""))
-    if module is None:
-        raise UsageError(f"{run_dir} names no known experiment")
-    for p in module.plot(run_dir):
+    from implreg.api import load
+
+    run = load(args.run_dir)
+    if not run.finished:
+        raise ConfigError(f"the run in {args.run_dir} has not finished; nothing to plot")
+    for p in run.plot():
         print(p)
     return 0
 
@@ -206,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _cmd_list()
+        if args.command == "show":
+            return _cmd_show(args)
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
         if args.command == "plot":
             return _cmd_plot(args)
-    except (UsageError, ConfigError) as exc:
+    except ConfigError as exc:
         print(f"implreg: error: {exc}", file=sys.stderr)
         return 2
     return 2

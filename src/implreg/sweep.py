@@ -1,140 +1,144 @@
-"""Grids of independent runs ("units"): a local process pool, resumable, interruptible.
+"""One sweep engine: grids of typed units, resumable, interruptible, on any backend.
 
-Each unit is a name and a JSON-able parameter dict; a worker function turns
-it into a JSON-able result, written atomically to ``units/<name>.json`` in
-the run folder.  A unit whose file exists is never recomputed, so an
-interrupted grid resumes where it stopped.  Workers ignore SIGINT / SIGTERM:
-the main process stops submitting, lets running units finish, and returns.
-A cluster backend (Ray) can implement the same ``run_units`` contract.
+A unit is a frozen dataclass (picklable, JSON-able through the config
+helpers) with a file-safe ``name`` and a method ``execute(should_stop=None)``
+returning a JSON-able result (or ``None`` when ``should_stop()`` became true
+before it finished).  :func:`run_grid` runs the units whose files are missing
+and the driver writes each result atomically to ``units/<name>.json`` together
+with the unit's own fields, so
+
+- a finished unit is never recomputed (an interrupted grid resumes where it
+  stopped), and a unit file computed with other settings is refused;
+- workers need no shared filesystem (a Ray cluster), see :mod:`implreg.backends`.
+
+With ``workers == 1`` on the local backend units run in this process and can
+stop in the middle (``should_stop``); otherwise the backend runs them and an
+interrupt cancels the ones in flight.  Data that several units of a worker
+share (a dataset, k-means centroids) go through :func:`worker_cache`, which
+lives as long as the worker process (in this process: as long as one grid).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import signal
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from implreg.backends import InterruptFlag, map_items
+from implreg.config import ConfigError, to_mapping
 from implreg.runs import write_json
 
 UNITS = "units"
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One run of a grid: a file-safe ``name`` and its parameters."""
+class Unit(Protocol):
+    """A typed unit of a grid: a frozen dataclass with a name and an ``execute`` method."""
 
-    name: str
-    params: dict[str, Any]
+    @property
+    def name(self) -> str: ...
+
+    def execute(self, should_stop: Callable[[], bool] | None = None) -> Any: ...
 
 
-def _quiet_worker(threads: int) -> None:
-    """Pool initializer: signals are the main process's; share the cores between workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import torch
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+_CACHE_SIZE = 4
 
-    torch.set_num_threads(threads)
+
+def worker_cache(key: Hashable, build: Callable[[], Any]) -> Any:
+    """The value of ``build()`` for ``key``, built once per worker process (last 4 kept)."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = build()
+    _CACHE[key] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def clear_worker_cache() -> None:
+    _CACHE.clear()
 
 
 def unit_path(run_dir: Path, name: str) -> Path:
     return Path(run_dir) / UNITS / f"{name}.json"
 
 
-def load_results(run_dir: Path, units: Sequence[Unit]) -> dict[str, Any]:
-    """Results of the finished units among ``units``."""
+def _spec(unit: Any) -> dict:
+    return json.loads(json.dumps({"type": type(unit).__name__, **to_mapping(unit)}))
+
+
+def load_results(run_dir: Path, units: Sequence[Any]) -> dict[str, Any]:
+    """Results of the finished units among ``units``, checked against the units' fields."""
     out = {}
     for u in units:
         p = unit_path(run_dir, u.name)
-        if p.exists():
-            out[u.name] = json.loads(p.read_text())
+        if not p.exists():
+            continue
+        data = json.loads(p.read_text())
+        if data.get("unit") != _spec(u):
+            raise ConfigError(
+                f"{p} was computed with other settings than this configuration asks for"
+            )
+        out[u.name] = data["result"]
     return out
 
 
-def run_units(
-    units: Sequence[Unit],
-    worker: Callable[[dict[str, Any]], Any],
+def execute(unit: Any) -> Any:
+    """The module-level task every backend runs: ``unit.execute()``."""
+    return unit.execute()
+
+
+def run_grid(
+    units: Sequence[Any],
     run_dir: Path,
     *,
-    workers: int | None = None,
-    interrupt=None,
-    on_done: Callable[[Unit, Any], None] | None = None,
+    workers: int = 1,
+    backend: str = "local",
+    interrupt: InterruptFlag | None = None,
+    on_done: Callable[[Any, Any], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Run the unfinished ``units`` with ``worker`` over a local process pool.
-
-    ``worker`` must be a module-level function (it is pickled).  Returns the
-    results of all finished units and whether the grid was interrupted.
-    ``workers=1`` runs in-process (no pool).
-    """
+    """Run the unfinished ``units``; returns all finished results and whether interrupted."""
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ValueError("unit names repeat within the grid")
+    for u in units:
+        if not dataclasses.is_dataclass(u):
+            raise TypeError(f"unit {u.name!r} is not a dataclass")
     (Path(run_dir) / UNITS).mkdir(parents=True, exist_ok=True)
     results = load_results(run_dir, units)
     todo = [u for u in units if u.name not in results]
-    workers = workers if workers is not None else min(len(todo), os.cpu_count() or 1)
 
-    def finish(u: Unit, res: Any) -> None:
-        write_json(unit_path(run_dir, u.name), res)
+    def finish(u: Any, res: Any) -> None:
+        write_json(unit_path(run_dir, u.name), {"unit": _spec(u), "result": res})
         results[u.name] = res
         if on_done is not None:
             on_done(u, res)
 
     if not todo:
         return results, False
-    if workers <= 1:
-        for u in todo:
-            if interrupt is not None and interrupt.is_set():
-                return results, True
-            finish(u, worker(u.params))
+    if backend == "local" and workers <= 1:
+        should_stop = interrupt.is_set if interrupt is not None else None
+        try:
+            for u in todo:
+                if should_stop is not None and should_stop():
+                    return results, True
+                res = u.execute(should_stop)
+                if res is None:
+                    return results, True
+                finish(u, res)
+        finally:
+            clear_worker_cache()
         return results, False
-    interrupted = False
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(
-        max_workers=workers, initializer=_quiet_worker, initargs=(threads,)
-    ) as pool:
-        pending = {}
-        queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < workers and not interrupted:
-                u = queue.pop(0)
-                pending[pool.submit(worker, u.params)] = u
-            if not pending:
-                break
-            done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-            for fut in done:
-                finish(pending.pop(fut), fut.result())
-            if interrupt is not None and interrupt.is_set() and not interrupted:
-                interrupted = True
-                queue.clear()
+    interrupted = map_items(
+        execute,
+        todo,
+        backend=backend,
+        workers=max(1, workers),
+        on_result=lambda i, res: finish(todo[i], res),
+        interrupt=interrupt,
+    )
     return results, interrupted
-
-
-def grid_outcome(
-    run_dir: Path,
-    grid: Sequence[Unit],
-    results: dict[str, Any],
-    interrupted: bool,
-    *,
-    started: float,
-    bulky: str,
-    plot: Callable[[Path], object],
-) -> dict:
-    """The outcome of a one-grid experiment: summary (without each unit's ``bulky`` key), figure.
-
-    Returns ``{"interrupted", "summary", "exit_code"[, "iteration"]}`` as the CLI expects.
-    """
-    import time
-
-    from implreg.runs import SUMMARY
-
-    if interrupted:
-        return {"interrupted": True, "summary": None, "exit_code": 130, "iteration": len(results)}
-    summary = {
-        "wall_seconds_this_session": time.perf_counter() - started,
-        "runs": [{k: v for k, v in results[u.name].items() if k != bulky} for u in grid],
-    }
-    write_json(Path(run_dir) / SUMMARY, summary)
-    plot(Path(run_dir))
-    return {"interrupted": False, "summary": summary, "exit_code": 0}

@@ -1,4 +1,5 @@
-"""A batched training loop: one vectorized step for ``B`` runs, stop rules, logging, interrupts.
+"""A batched training loop: one vectorized step for ``B`` runs, stop rules, the metric
+recorder, interrupts.
 
 The loop is deterministic: the state it checkpoints (parameters, optimizer
 state, stop-rule state, recorder, iteration) is everything it reads, so a run
@@ -8,6 +9,7 @@ never interrupted (``tests/test_cli.py`` checks this).
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from implreg.metrics import Recorder
 from implreg.optim import StopRule
 
 Tensor = torch.Tensor
@@ -47,6 +48,78 @@ class Interrupt:
         for sig, old in self._old.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
         self._old.clear()
+
+
+class Recorder:
+    """Record named per-run metrics at iteration 0, log-spaced early steps and every ``log_every``.
+
+    Values are arrays whose first axis indexes the ``B`` runs (``(B,)`` scalars or
+    ``(B, K)`` vectors such as all component norms).  When more than
+    ``max_records`` records are held, every other periodic record is dropped
+    and the interval doubles, so memory stays bounded for runs of any length;
+    early and forced records (such as the iteration a run stopped) are kept.
+    """
+
+    def __init__(self, *, log_every: int, max_records: int = 4000, early_points: int = 16):
+        if log_every < 1 or max_records < 4:
+            raise ValueError("log_every must be >= 1 and max_records >= 4")
+        self.every = int(log_every)
+        self.max_records = int(max_records)
+        grid = np.logspace(0, math.log10(max(self.every, 1)), early_points)
+        self.early = {0} | {int(x) for x in np.unique(np.round(grid))}
+        self.iterations: list[int] = []
+        self.forced: list[bool] = []
+        self.values: dict[str, list[np.ndarray]] = {}
+
+    def should_log(self, iteration: int) -> bool:
+        return iteration % self.every == 0 or iteration in self.early
+
+    def record(
+        self, iteration: int, values: dict[str, np.ndarray], *, forced: bool = False
+    ) -> None:
+        if self.iterations and self.iterations[-1] == iteration:
+            return
+        self.iterations.append(int(iteration))
+        self.forced.append(bool(forced))
+        for key, val in values.items():
+            self.values.setdefault(key, []).append(np.asarray(val))
+        if len(self.iterations) > self.max_records:
+            self._thin()
+
+    def _thin(self) -> None:
+        every = 2 * self.every
+        keep = [
+            f or it in self.early or it % every == 0 for it, f in zip(self.iterations, self.forced)
+        ]
+        self.iterations = [x for x, k in zip(self.iterations, keep) if k]
+        self.forced = [x for x, k in zip(self.forced, keep) if k]
+        self.values = {
+            key: [x for x, k in zip(vals, keep) if k] for key, vals in self.values.items()
+        }
+        self.every = every
+
+    def arrays(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Iterations ``(T,)`` and each metric stacked to ``(T, B, ...)``."""
+        its = np.asarray(self.iterations, dtype=np.int64)
+        return its, {k: np.stack(v) for k, v in self.values.items() if v}
+
+    def last(self, key: str) -> np.ndarray | None:
+        vals = self.values.get(key)
+        return vals[-1] if vals else None
+
+    def state_dict(self) -> dict:
+        return {
+            "every": self.every,
+            "iterations": list(self.iterations),
+            "forced": list(self.forced),
+            "values": {k: [v.copy() for v in vals] for k, vals in self.values.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.every = state["every"]
+        self.iterations = list(state["iterations"])
+        self.forced = list(state["forced"])
+        self.values = {k: list(v) for k, v in state["values"].items()}
 
 
 @dataclass

@@ -1,125 +1,68 @@
-"""Registry of presets: one published experiment each, with the paper's defaults."""
+"""The registry of experiments and presets, derived from the modules of this package.
+
+Every module here that defines ``EXPERIMENT`` (an
+:class:`~implreg.experiments.base.Experiment`) is one experiment; its
+``presets`` are registered under their names.  Adding a preset touches only
+its module; adding an experiment is adding a module.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+import importlib
+import pkgutil
 
-from implreg.experiments import (
-    det_sign,
-    mf_depth_nuclear,
-    mf_dynamics,
-    tensor_dynamics,
-    tensor_rank,
-)
-from implreg.experiments.config import ConfigError
+from implreg.config import ConfigError
+from implreg.experiments.base import Experiment, Preset
+
+EXPERIMENTS: dict[str, Experiment] = {}
+PRESETS: dict[str, Preset] = {}
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named configuration of an experiment module and the figure it reproduces."""
-
-    name: str
-    description: str
-    reproduces: str
-    module: ModuleType
-    config: Any
-
-    @property
-    def experiment(self) -> str:
-        return self.module.__name__.rsplit(".", 1)[-1]
-
-
-_TD = tensor_dynamics.TensorDynamicsConfig()
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset(
-            "tf-dynamics",
-            "CP completion of an order-4 rank-5 tensor from 2000 entries, R = 1000, "
-            "init std 0.05 / 0.01 / 0.005",
-            "Razin et al. 2021, Figure 3",
-            tensor_dynamics,
-            _TD,
-        ),
-        Preset(
-            "tf-huber",
-            "as tf-dynamics with the Huber loss (eq. 8), delta = 0.002 below the residual scale",
-            "Razin et al. 2021, Appendix B (Huber loss)",
-            tensor_dynamics,
-            dataclasses.replace(_TD, loss="huber", huber_delta=0.002),
-        ),
-        Preset(
-            "tf-sensing",
-            "CP sensing y_i = <X_i, W*> with Gaussian X_i (variance 1/#entries), "
-            "order 4, rank 5, 2000 measurements",
-            "Razin et al. 2021, Appendix B (tensor sensing)",
-            tensor_dynamics,
-            dataclasses.replace(_TD, task="sensing", measurement="gaussian"),
-        ),
-        Preset(
-            "tf-order",
-            "order-3 completion (modes of size 10), ground-truth rank 3, R = 100, 500 entries, "
-            "30k iterations",
-            "Razin et al. 2021, Appendix B (other orders and ranks)",
-            tensor_dynamics,
-            dataclasses.replace(
-                _TD,
-                dims=(10, 10, 10),
-                gt_rank=3,
-                rank=100,
-                num_observations=500,
-                max_iterations=30000,
-            ),
-        ),
-        Preset(
-            "mf-det-sign",
-            "2x2 completion with det > 0 at init, depth 2 / 3 / 4, published GD (lr 3e-3) and a "
-            "flow-faithful step control, random and balanced inits, to loss 1e-4",
-            "Razin & Cohen 2020 (|W_11| against the loss); Cohen 2021 slides",
-            det_sign,
-            det_sign.DetSignConfig(),
-        ),
-        Preset(
-            "mf-dynamics",
-            "100x100 rank-5 completion from 2000 entries, depth 1 / 2 / 3, init scale 1e-3: "
-            "top singular values over iterations",
-            "Arora et al. 2019 Figure 3; Razin 2022 blog Figure 1",
-            mf_dynamics,
-            mf_dynamics.MFDynamicsConfig(),
-        ),
-        Preset(
-            "mf-depth-vs-nuclear",
-            "depth 2 / 3 / 4 x init 1e-3 ... 1e-6 x 2000 / 5000 entries against nuclear-norm "
-            "minimization (cvxpy + SCS): error, nuclear norm, effective rank; error vs entries",
-            "Arora et al. 2019; Cohen 2021 slides (MF gives up min nuclear norm for low rank)",
-            mf_depth_nuclear,
-            mf_depth_nuclear.DepthNuclearConfig(),
-        ),
-        Preset(
-            "tensor-rank-complexity",
-            "MNIST and Fashion-MNIST (--data-dir) as order-784 tensor completion: original, "
-            "rand image, rand label x 10 one-vs-all tasks x CP ranks 1..15, linear baseline",
-            "Razin et al. 2021, Figure 4 (tensor rank as a measure of complexity)",
-            tensor_rank,
-            tensor_rank.TensorRankConfig(),
-        ),
-    ]
-}
-
-EXPERIMENTS: dict[str, ModuleType] = {
-    "tensor_dynamics": tensor_dynamics,
-    "det_sign": det_sign,
-    "mf_dynamics": mf_dynamics,
-    "mf_depth_nuclear": mf_depth_nuclear,
-    "tensor_rank": tensor_rank,
-}
+def _discover() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        exp = getattr(module, "EXPERIMENT", None)
+        if exp is None:
+            continue
+        for name in (exp.name, *exp.aliases):
+            if name in EXPERIMENTS:
+                raise RuntimeError(f"two experiments are named {name!r}")
+            EXPERIMENTS[name] = exp
+        for preset in exp.presets:
+            if preset.name in PRESETS:
+                raise RuntimeError(f"two presets are named {preset.name!r}")
+            PRESETS[preset.name] = dataclasses.replace(preset, experiment=exp)
 
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def experiment_of(cfg: object) -> Experiment:
+    """The experiment whose ``Config`` type ``cfg`` is."""
+    for exp in EXPERIMENTS.values():
+        if type(cfg) is exp.Config:
+            return exp
+    raise ConfigError(f"{type(cfg).__name__} is not the configuration of any experiment")
+
+
+_discover()
+
+__all__ = [
+    "EXPERIMENTS",
+    "PRESETS",
+    "Experiment",
+    "Preset",
+    "experiment_of",
+    "get_experiment",
+    "get_preset",
+]

@@ -40,7 +40,7 @@ Tensor = torch.Tensor
 
 def linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
     """Row-major linear index of index tuples ``idx`` (``(m, N)``) into a ``dims`` tensor."""
-    lin = torch.zeros(idx.shape[0], dtype=torch.int64)
+    lin = torch.zeros(idx.shape[0], dtype=torch.int64, device=idx.device)
     for n, d in enumerate(dims):
         lin = lin * int(d) + idx[:, n].to(torch.int64)
     return lin

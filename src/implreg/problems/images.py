@@ -71,6 +71,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
         if not data_dir:
             raise DataError(f"no data directory given: pass --data-dir or set ${ENV_DATA_DIR}")
     path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"the data directory {path} is a file, not a folder")
     if not path.is_dir():
         raise DataError(f"the data directory {path} does not exist")
     return path

@@ -1,14 +1,17 @@
-"""Fitting one deep matrix factorization (Arora et al. 2019; REFERENCE §3), as a grid unit.
+"""Fitting one deep matrix factorization as a grid unit (Arora, Cohen, Hu & Luo, "Implicit
+Regularization in Deep Matrix Factorization", NeurIPS 2019, Section 5 settings).
 
-A unit's parameters are plain JSON values; :func:`fit` rebuilds the problem
-from its seed, trains with the papers' adaptive-step GD until the train MSE
-reaches ``tol`` (or ``max_iterations``), and returns final metrics and, when
-asked, the trajectory of the top singular values.
+A :class:`FitUnit` holds plain values; :func:`fit` rebuilds the problem from
+its seed, trains with the papers' adaptive-step GD until the train MSE reaches
+``tol`` (or ``max_iterations``), and returns final metrics and, when asked,
+the trajectory of the top singular values.  :class:`NuclearUnit` solves the
+nuclear-norm minimization baseline on the same problem.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,10 +19,9 @@ import torch
 from implreg import matrix_metrics as mm
 from implreg.factorizations.matrix import MatrixCompletion, mf_init, mf_product
 from implreg.losses import L2Loss
-from implreg.metrics import Recorder
 from implreg.optim import AdaptiveGD, StopRule
 from implreg.problems.synthetic import low_rank_matrix, sample_indices
-from implreg.training import train
+from implreg.training import Recorder, train
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -48,25 +50,68 @@ def matrix_summary(w: torch.Tensor, truth: torch.Tensor, observed: torch.Tensor)
     }
 
 
-def fit(params: dict) -> dict:
+@dataclass(frozen=True)
+class FitUnit:
+    """One deep matrix factorization fit (a unit of a grid); ``m`` observed entries."""
+
+    name: str
+    shape: tuple[int, ...]
+    gt_rank: int
+    gt_norm: float
+    m: int
+    seed: int
+    depth: int
+    init_scale: float
+    lr: float
+    eps: float
+    tol: float
+    max_iterations: int
+    dtype: str = "float32"
+    init: str = "gaussian"
+    log_every: int = 100
+    top_k: int = 10
+    history: bool = False
+
+    def execute(self, should_stop=None) -> dict:
+        return fit(self)
+
+
+@dataclass(frozen=True)
+class NuclearUnit:
+    """The nuclear-norm minimization baseline on the problem of ``(shape, ..., m, seed)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    gt_rank: int
+    gt_norm: float
+    m: int
+    seed: int
+    nuclear_tol: float
+    solver: str = "SCS"
+
+    def execute(self, should_stop=None) -> dict:
+        return nuclear(self)
+
+
+def fit(u: FitUnit) -> dict:
     """Train one deep matrix factorization; JSON-able result."""
-    shape = tuple(params["shape"])
-    truth, idx = problem(shape, params["gt_rank"], params["gt_norm"], params["m"], params["seed"])
+    shape = tuple(u.shape)
+    truth, idx = problem(shape, u.gt_rank, u.gt_norm, u.m, u.seed)
     rows, cols = idx[:, 0], idx[:, 1]
-    dtype = DTYPES[params.get("dtype", "float32")]
+    dtype = DTYPES[u.dtype]
     engine = MatrixCompletion(shape, rows, cols, truth[rows, cols].to(dtype))
     layers = mf_init(
         shape,
-        params["depth"],
-        scales=[params["init_scale"]],
-        scheme=params.get("init", "gaussian"),
-        generator=torch.Generator().manual_seed(params["seed"] + 1),
+        u.depth,
+        scales=[u.init_scale],
+        scheme=u.init,
+        generator=torch.Generator().manual_seed(u.seed + 1),
         dtype=dtype,
     )
     observed = torch.zeros(shape, dtype=torch.bool)
     observed[rows, cols] = True
     loss = L2Loss()
-    top_k = int(params.get("top_k", 10))
+    top_k = u.top_k
 
     def evaluate(ls):
         w = mf_product(ls).double()
@@ -74,29 +119,29 @@ def fit(params: dict) -> dict:
         test = (((w - truth) ** 2)[:, ~observed]).mean(1).numpy()
         return {"singular_values": sv, "test_mse": test}
 
-    recorder = Recorder(log_every=int(params.get("log_every", 100)), max_records=2000)
-    stop = StopRule(params["tol"], 1, 1, int(params["max_iterations"]))
+    recorder = Recorder(log_every=u.log_every, max_records=2000)
+    stop = StopRule(u.tol, 1, 1, u.max_iterations)
     start = time.perf_counter()
     state, _ = train(
         params=layers,
         loss_and_grad=lambda ls: engine.loss_and_grad(ls, loss),
-        optimizer=AdaptiveGD(params["lr"], eps=params["eps"]),
+        optimizer=AdaptiveGD(u.lr, eps=u.eps),
         stop=stop,
         recorder=recorder,
         evaluate=evaluate,
     )
     seconds = time.perf_counter() - start
     out = {
-        "depth": params["depth"],
-        "init_scale": params["init_scale"],
-        "m": params["m"],
+        "depth": u.depth,
+        "init_scale": u.init_scale,
+        "m": u.m,
         "status": state.stop["status"][0],
         "iterations": state.iteration,
         "seconds": seconds,
         "final_train_loss": float(recorder.last("train_loss")[0]),
         **matrix_summary(mf_product(layers)[0], truth, observed),
     }
-    if params.get("history", False):
+    if u.history:
         its, arrays = recorder.arrays()
         out["history"] = {
             "iteration": its.tolist(),
@@ -107,12 +152,12 @@ def fit(params: dict) -> dict:
     return out
 
 
-def nuclear(params: dict) -> dict:
+def nuclear(u: NuclearUnit) -> dict:
     """The nuclear-norm minimization baseline on the same problem (cvxpy + SCS)."""
     from implreg.baselines.nuclear import nuclear_norm_completion
 
-    shape = tuple(params["shape"])
-    truth, idx = problem(shape, params["gt_rank"], params["gt_norm"], params["m"], params["seed"])
+    shape = tuple(u.shape)
+    truth, idx = problem(shape, u.gt_rank, u.gt_norm, u.m, u.seed)
     rows, cols = idx[:, 0].numpy(), idx[:, 1].numpy()
     start = time.perf_counter()
     x = nuclear_norm_completion(
@@ -120,20 +165,19 @@ def nuclear(params: dict) -> dict:
         rows,
         cols,
         truth.numpy()[rows, cols],
-        tol=params["nuclear_tol"],
-        solver=params.get("solver", "SCS"),
+        tol=u.nuclear_tol,
+        solver=u.solver,
     )
     observed = torch.zeros(shape, dtype=torch.bool)
     observed[idx[:, 0], idx[:, 1]] = True
     return {
         "method": "nuclear",
-        "m": params["m"],
+        "m": u.m,
         "seconds": time.perf_counter() - start,
         **matrix_summary(torch.from_numpy(x), truth, observed),
     }
 
 
-def truth_summary(params: dict) -> dict:
-    shape = tuple(params["shape"])
-    truth, _ = problem(shape, params["gt_rank"], params["gt_norm"], params["m"], params["seed"])
-    return matrix_summary(truth, truth, torch.zeros(shape, dtype=torch.bool))
+def truth_summary(shape, gt_rank: int, gt_norm: float, m: int, seed: int) -> dict:
+    truth, _ = problem(tuple(shape), gt_rank, gt_norm, m, seed)
+    return matrix_summary(truth, truth, torch.zeros(tuple(shape), dtype=torch.bool))

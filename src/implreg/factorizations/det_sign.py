@@ -1,6 +1,7 @@
 """A compiled float64 gradient-descent loop for the 2x2 determinant-sign example.
 
-Razin & Cohen (NeurIPS 2020), REFERENCE §3: a depth-N factorization
+Razin & Cohen, "Implicit Regularization in Deep Learning May Not Be Explainable by
+Norms" (NeurIPS 2020), Section 3: a depth-N factorization
 ``W_e = W_N ... W_1`` of 2x2 matrices fits the entries (1,2) = 1, (2,1) = 1,
 (2,2) = 0 with the loss ``1/2 sum (pred - y)^2``.  Every solution has
 ``det = -1``; gradient flow cannot change the sign of ``det(W_e)``, so from an
@@ -19,8 +20,8 @@ Two step rules:
     if the loss does not rise, ``det(W_e)`` keeps its sign, and both
     ``det(W_e)`` and ``W_e`` change by at most a fraction ``c`` (relative);
     otherwise the step is halved and retried.  After an accepted step it grows
-    by 10%.  Gradient flow never changes the sign of ``det(W_e)`` (slides of
-    ``seeds/002``), and these iterates stay within ``O(c)`` of it.
+    by 10%.  Gradient flow never changes the sign of ``det(W_e)`` (Razin & Cohen
+    2020, Lemma 1 there), and these iterates stay within ``O(c)`` of it.
 """
 
 from __future__ import annotations
@@ -176,3 +177,41 @@ def run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio):
             eta *= 1.1
         step += 1
     return status, step, records[:count].copy()
+
+
+def init_layers(depth: int, init: str, end_std: float, rng: np.random.Generator) -> np.ndarray:
+    """Layers ``(depth, 2, 2)`` with ``det(W_e) > 0``.
+
+    ``random``: i.i.d. N(0, s^2) entries with ``s^depth 2^{(depth-1)/2} = end_std`` (the
+    entry std of the product), the first row of ``W_1`` negated if ``det < 0``.
+    ``balanced``: a random ``M`` with entry std ``end_std`` and ``det M > 0``,
+    ``M = U S V^T``, ``W_1 = S^{1/N} V^T``, ``W_j = S^{1/N}``, ``W_N = U S^{1/N}`` so that
+    ``W_{j+1}^T W_{j+1} = W_j W_j^T``.
+    """
+    if init == "random":
+        s = (end_std / 2 ** ((depth - 1) / 2)) ** (1.0 / depth)
+        layers = rng.normal(0.0, s, size=(depth, 2, 2))
+        if np.linalg.det(product(layers)) < 0:
+            layers[0, 0] *= -1.0
+        return layers
+    if init == "balanced":
+        m = rng.normal(0.0, end_std, size=(2, 2))
+        if np.linalg.det(m) < 0:
+            m[:, 0] *= -1.0
+        u, sv, vt = np.linalg.svd(m)
+        if np.linalg.det(u) < 0:  # then det(vt) < 0 too: flip both, the product is unchanged
+            u[:, 1] *= -1.0
+            vt[1] *= -1.0
+        root = np.diag(sv ** (1.0 / depth))
+        if depth == 1:
+            return (u @ np.diag(sv) @ vt)[None]
+        mids = [root.copy() for _ in range(depth - 2)]
+        return np.stack([root @ vt, *mids, u @ root])
+    raise ValueError(f"unknown init {init!r}")
+
+
+def product(layers: np.ndarray) -> np.ndarray:
+    w = layers[0]
+    for layer in layers[1:]:
+        w = layer @ w
+    return w

@@ -1,0 +1,213 @@
+"""The experiment contract: what one module implements to become presets of implreg.
+
+An experiment is an :class:`Experiment` subclass in one module of
+:mod:`implreg.experiments`, exposed as the module's ``EXPERIMENT``.  It names
+
+- ``Config``: a frozen dataclass with the paper's defaults, checked
+  declaratively (:mod:`implreg.config`);
+- ``presets``: the named configurations it reproduces (:class:`Preset`:
+  overrides of the defaults, the figure it reproduces, and a ``tiny`` budget
+  that runs in seconds for the conformance tests);
+- ``prepare(cfg, device)``: check the data and build what a run needs, writing nothing;
+- ``run(cfg, prepared, ctx) -> Outcome``: do the work into ``ctx.run_dir``
+  (resumable after an interrupt);
+- ``summarize``: the summary dict from the finished work;
+- ``plot(run_dir)``: figures from the run folder alone;
+- ``summary_text(summary)``: what the command line prints at the end.
+
+The run-folder lifecycle (create, ``config.json``, resume, cleanup) belongs to
+:func:`implreg.api.run_preset`, not to experiments.  Grids of independent units
+derive from :class:`GridExperiment` (one sweep engine, any backend); batched
+training runs from :class:`implreg.experiments.dynamics.DynamicsExperiment`.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from implreg.backends import InterruptFlag
+from implreg.runs import SUMMARY, atomic_path, write_json
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of an experiment and the published figure it reproduces."""
+
+    name: str
+    reproduces: str
+    description: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    tiny: Mapping[str, Any] = field(default_factory=dict)
+    experiment: Experiment | None = None
+
+    @property
+    def config(self) -> Any:
+        """The preset's full configuration (the experiment's defaults with its overrides)."""
+        assert self.experiment is not None
+        return dataclasses.replace(self.experiment.Config(), **self.overrides)
+
+
+@dataclass
+class RunContext:
+    """How a run is carried out; nothing here changes its numbers."""
+
+    run_dir: Path
+    resume: bool = False
+    progress: bool = True
+    interrupt: InterruptFlag | None = None
+    log: Callable[[str], None] = print
+    backend: str = "local"
+    device: str = "cpu"
+
+    def stopped(self) -> bool:
+        return self.interrupt is not None and self.interrupt.is_set()
+
+    def bar(self, total: int, initial: int = 0, unit: str = "it", desc: str | None = None):
+        """A tqdm progress bar, or ``None`` without progress."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
+
+
+@dataclass
+class Outcome:
+    """What a run ended with.  ``where`` says how far an interrupted run got."""
+
+    summary: dict | None
+    exit_code: int = 0
+    interrupted: bool = False
+    where: str = ""
+
+
+class Experiment(abc.ABC):
+    """The contract of one experiment module (see the module docstring)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    presets: ClassVar[tuple[Preset, ...]]
+    aliases: ClassVar[tuple[str, ...]] = ()  # names written by earlier versions
+    table: ClassVar[str] = "metrics.csv"  # the run's metrics, one row per record
+
+    def prepare(self, cfg: Any, device: str = "cpu") -> Any:
+        """Check what the config refers to (data, sizes) and build the problem; write nothing."""
+        return cfg
+
+    @abc.abstractmethod
+    def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome: ...
+
+    @abc.abstractmethod
+    def summary_text(self, summary: dict) -> str: ...
+
+    @abc.abstractmethod
+    def plot(self, run_dir: Path) -> list[Path]: ...
+
+    def config_of(self, run_dir: Path) -> Any:
+        """The configuration saved in a run folder's ``config.json``."""
+        from implreg.config import from_mapping
+        from implreg.runs import CONFIG, read_json
+
+        return from_mapping(self.Config, read_json(Path(run_dir) / CONFIG)["config"])
+
+    def has_finished_work(self, run_dir: Path) -> bool:
+        """Whether a failed run's folder holds work worth keeping (then it is not removed)."""
+        return any((Path(run_dir) / "units").glob("*.json"))
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A CSV of flat rows (the union of their scalar keys, in order of appearance), atomically."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if v is None or isinstance(v, (bool, int, float, str)):
+                keys.setdefault(k)
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
+
+
+class GridExperiment(Experiment):
+    """An experiment made of independent units run by the sweep engine (:mod:`implreg.sweep`).
+
+    Subclasses give ``units(cfg)`` (typed unit specs, each with ``name`` and
+    ``execute(should_stop)``), ``summarize(cfg, results)`` (results in unit
+    order), optionally ``rows`` (the rows of the run's table), ``summary_text``
+    and ``plot``.  ``bulky`` names a result key kept in the unit files but not
+    copied into the summary (trajectories).
+    """
+
+    bulky: ClassVar[str | None] = None
+
+    @abc.abstractmethod
+    def units(self, cfg: Any) -> list: ...
+
+    @abc.abstractmethod
+    def summarize(self, cfg: Any, results: list[dict]) -> dict: ...
+
+    def rows(self, results: list[dict], summary: dict) -> list[dict]:
+        """The rows of the run's table (``metrics.csv``): by default one per unit."""
+        return [self.strip(r) for r in results]
+
+    def describe(self, unit: Any, result: dict) -> str:
+        """Shown beside the progress bar when a unit finishes."""
+        return unit.name
+
+    def workers(self, cfg: Any) -> int:
+        return int(getattr(cfg, "workers", 1))
+
+    def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
+        """(config, units, finished results by unit name) of a run folder, for plots."""
+        from implreg.sweep import load_results
+
+        cfg = self.config_of(run_dir)
+        grid = self.units(cfg)
+        return cfg, grid, load_results(run_dir, grid)
+
+    def strip(self, result: dict) -> dict:
+        return {k: v for k, v in result.items() if k != self.bulky}
+
+    def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
+        from implreg.sweep import load_results, run_grid
+
+        grid = self.units(cfg)
+        done = load_results(ctx.run_dir, grid)
+        bar = ctx.bar(len(grid), len(done), unit="unit")
+
+        def on_done(unit, result) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(self.describe(unit, result))
+
+        start = time.perf_counter()
+        try:
+            results, interrupted = run_grid(
+                grid,
+                ctx.run_dir,
+                workers=self.workers(cfg),
+                backend=ctx.backend,
+                interrupt=ctx.interrupt,
+                on_done=on_done,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if interrupted:
+            return Outcome(None, 130, True, f"{len(results)} of {len(grid)} units finished")
+        ordered = [results[u.name] for u in grid]
+        summary = self.summarize(cfg, ordered)
+        summary["wall_seconds_this_session"] = time.perf_counter() - start
+        write_json(ctx.run_dir / SUMMARY, summary)
+        write_table(ctx.run_dir / self.table, self.rows(ordered, summary))
+        self.plot(ctx.run_dir)
+        return Outcome(summary, 0)

@@ -1,0 +1,276 @@
+"""The batched-dynamics runner: a batch of runs trained in one vectorized pass, tracked over time.
+
+An experiment that follows the dynamics of gradient descent (CP component
+norms, singular values, and next the local component norms of hierarchical
+tensor factorization) builds a :class:`Dynamics` (parameters batched over the
+runs, loss and analytic gradients, an ``evaluate`` giving per-run scalars and
+one trajectory of per-component quantities, tracked by component identity)
+and derives from :class:`DynamicsExperiment`, which
+
+- trains with the stop rule, checkpoints on an interrupt and resumes
+  bit-identically (:func:`implreg.training.train`);
+- writes ``metrics.csv`` (one row per run and record) and the trajectories
+  (``<trajectory>.npz``: iterations, values ``(T, B, K)``, the run values, ``top_k``);
+- summarizes which components left zero and when (:func:`learned_summary`);
+- draws the top-k trajectory figure (:func:`topk_figure`) from the folder alone.
+
+:func:`learned_summary` and :func:`topk_figure` also serve grids of single
+runs (``mf-dynamics``: one depth per unit).
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from implreg.config import ConfigError
+from implreg.experiments.base import Experiment, Outcome, RunContext
+from implreg.metrics import learned_components, top_components
+from implreg.optim import StopRule
+from implreg.runs import (
+    CHECKPOINT,
+    SUMMARY,
+    atomic_path,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
+from implreg.training import Recorder, TrainState, train
+
+
+@dataclass
+class Dynamics:
+    """What one batched pass trains: ``B`` runs that differ by ``values`` of ``key``."""
+
+    key: str  # the config quantity the runs differ by, e.g. "init_std"
+    values: Sequence[float]
+    params: list[torch.Tensor]
+    loss_and_grad: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor]]]
+    evaluate: Callable[[Sequence[torch.Tensor]], dict[str, np.ndarray]]
+    optimizer: Any
+    stop: StopRule
+    recorder: Recorder
+    describe: Callable[[dict[str, np.ndarray]], dict] | None = None
+
+
+def learned_summary(its: np.ndarray, traj: np.ndarray, *, fraction: float, top_k: int) -> dict:
+    """Which components of one run left zero and when; ``traj`` is ``(T, K)`` by identity."""
+    learned = learned_components(its, traj, fraction=fraction)
+    final_sorted = np.sort(np.nan_to_num(traj[-1], nan=0.0))[::-1]
+    n = len(learned)
+    ratio = (
+        float(final_sorted[n] / final_sorted[n - 1])
+        if 0 < n < final_sorted.size and final_sorted[n - 1] > 0
+        else None
+    )
+    return {
+        "n_learned": n,
+        "learned": learned,
+        "next_largest_over_smallest_learned": ratio,
+        "top_final_norms": [float(x) for x in final_sorted[:top_k]],
+    }
+
+
+def learned_text(learned: list[dict], limit: int = 10) -> str:
+    when = ", ".join(str(c["left_zero_at"]) for c in learned[:limit])
+    return when + (", ..." if len(learned) > limit else "")
+
+
+def topk_figure(
+    run_dir: Path,
+    series: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    top_k: int,
+    what: str,
+    scalar: tuple[str, str, Sequence[tuple[str, np.ndarray, np.ndarray]]] | None = None,
+    singles: Sequence[str] | None = None,
+) -> list[Path]:
+    """``figure.png``: per run the ``top_k`` trajectories (by final value), and one scalar panel.
+
+    ``series`` holds ``(label, iterations, values (T, K))`` per run; ``scalar``
+    is ``(file stem, y label, [(label, iterations, values)])`` drawn on a log
+    scale; ``singles`` names a separate file per run panel (and the scalar's).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    n = len(series) + (scalar is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    paths = []
+
+    def save(f, name: str) -> None:
+        f.tight_layout()
+        p = run_dir / name
+        f.savefig(p, dpi=110)
+        plt.close(f)
+        paths.append(p)
+
+    for i, (label, its, traj) in enumerate(series):
+        sel = top_components(traj, top_k)
+        single = plt.subplots(figsize=(4.8, 3.6)) if singles else None
+        for a in [axes[0, i]] + ([single[1]] if single else []):
+            for r in sel:
+                a.plot(its, traj[:, r], lw=1.2)
+            a.set_title(f"{label}: top {len(sel)} {what}s")
+            a.set_xlabel("iteration")
+            a.set_ylabel(what)
+            a.grid(alpha=0.3)
+        if single:
+            save(single[0], singles[i])
+    if scalar is not None:
+        stem, ylabel, lines = scalar
+        single = plt.subplots(figsize=(4.8, 3.6)) if singles else None
+        for a in [axes[0, -1]] + ([single[1]] if single else []):
+            for label, its, vals in lines:
+                a.plot(its, vals, label=label)
+            a.set_yscale("log")
+            a.set_title(stem.replace("_", " "))
+            a.set_xlabel("iteration")
+            a.set_ylabel(ylabel)
+            a.legend()
+            a.grid(alpha=0.3)
+        if single:
+            save(single[0], f"{stem}.png")
+    save(fig, "figure.png")
+    return paths
+
+
+class DynamicsExperiment(Experiment):
+    """Batched training of ``B`` runs with checkpoints, metrics, trajectories and a figure.
+
+    Subclasses give ``build(cfg, prepared) -> Dynamics``, ``summarize(cfg,
+    its, arrays, state)`` and ``summary_text``; class attributes name the
+    tracked trajectory and the scalar metrics.
+    """
+
+    trajectory: ClassVar[str] = "component_norms"  # the evaluate() key tracked by identity
+    what: ClassVar[str] = "component norm"
+    scalars: ClassVar[tuple[str, ...]] = ("reconstruction_error", "unbalancedness")
+    scalar_label: ClassVar[str] = "||W - W*|| / ||W*||"  # y label of the first scalar
+    file_tag: ClassVar[str] = "std"  # per-run figure files: <trajectory>_<tag><value>.png
+    label: ClassVar[str] = "init std {:g}"
+
+    @abc.abstractmethod
+    def build(self, cfg: Any, prepared: Any) -> Dynamics: ...
+
+    @abc.abstractmethod
+    def summarize(self, cfg: Any, its: np.ndarray, arrays: dict, state: TrainState) -> dict: ...
+
+    def has_finished_work(self, run_dir: Path) -> bool:
+        return (Path(run_dir) / CHECKPOINT).exists()
+
+    def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
+        dyn = self.build(cfg, prepared)
+        if ctx.resume and not (ctx.run_dir / CHECKPOINT).is_file():
+            raise ConfigError(f"{ctx.run_dir} has no checkpoint to resume from")
+        state = TrainState.from_dict(load_checkpoint(ctx.run_dir)) if ctx.resume else None
+        start_it = state.iteration if state else 0
+        bar = ctx.bar(dyn.stop.max_iterations, start_it, desc="iteration")
+        labels = [self.label.format(v) for v in dyn.values]
+        start = time.perf_counter()
+        try:
+            state, interrupted = train(
+                params=dyn.params,
+                loss_and_grad=dyn.loss_and_grad,
+                optimizer=dyn.optimizer,
+                stop=dyn.stop,
+                recorder=dyn.recorder,
+                evaluate=dyn.evaluate,
+                state=state,
+                interrupt=ctx.interrupt,
+                progress=bar,
+                describe=dyn.describe,
+                on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - start
+        self.write_metrics(ctx.run_dir, dyn.key, dyn.values, dyn.recorder, cfg.top_k)
+        if interrupted:
+            save_checkpoint(ctx.run_dir, state.to_dict())
+            return Outcome(None, 130, True, f"iteration {state.iteration}; checkpoint written")
+        its, arrays = dyn.recorder.arrays()
+        summary = self.summarize(cfg, its, arrays, state)
+        summary["wall_seconds_this_session"] = elapsed
+        summary["iterations_per_second"] = (
+            (state.iteration - start_it) / elapsed if elapsed > 0 else None
+        )
+        write_json(ctx.run_dir / SUMMARY, summary)
+        self.plot(ctx.run_dir)
+        (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)
+        diverged = any(r["status"] == "diverged" for r in summary["runs"])
+        return Outcome(summary, 1 if diverged else 0)
+
+    def write_metrics(
+        self, run_dir: Path, key: str, values: Sequence, recorder: Recorder, top_k: int
+    ) -> None:
+        """``metrics.csv`` (one row per run and record) and ``<trajectory>.npz``."""
+        its, arrays = recorder.arrays()
+        if its.size == 0:
+            return
+        with atomic_path(run_dir / self.table) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["iteration", "run", key, "train_loss", *self.scalars])
+                cols = ["train_loss", *self.scalars]
+                for t, it in enumerate(its):
+                    for b, v in enumerate(values):
+                        w.writerow([int(it), b, v, *(repr(float(arrays[c][t, b])) for c in cols)])
+        with atomic_path(run_dir / f"{self.trajectory}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(
+                    fh,
+                    iterations=its,
+                    norms=arrays[self.trajectory],
+                    **{f"{key}s": np.asarray(values)},
+                    top_k=top_k,
+                )
+
+    def load_trajectories(self, run_dir: Path) -> dict[str, np.ndarray]:
+        """The arrays of ``<trajectory>.npz``: iterations, norms (T, B, K), run values, top_k."""
+        with np.load(Path(run_dir) / f"{self.trajectory}.npz") as data:
+            return {k: data[k] for k in data.files}
+
+    def plot(self, run_dir: Path) -> list[Path]:
+        """The top-k trajectories of every run and the first scalar, from the folder alone."""
+        run_dir = Path(run_dir)
+        data = self.load_trajectories(run_dir)
+        its, norms = data["iterations"], data["norms"]
+        values = next(v for k, v in data.items() if k not in ("iterations", "norms", "top_k"))
+        with open(run_dir / self.table, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        series, lines, singles = [], [], []
+        for b, v in enumerate(values):
+            its_b, norms_b = trajectories(its, norms, b)
+            label = self.label.format(v)
+            series.append((label, its_b, norms_b))
+            singles.append(f"{self.trajectory}_{self.file_tag}{v:g}.png")
+            mine = [r for r in rows if int(r["run"]) == b]
+            xs = np.array([int(r["iteration"]) for r in mine])
+            lines.append((label, xs, np.array([float(r[self.scalars[0]]) for r in mine])))
+        return topk_figure(
+            run_dir,
+            series,
+            top_k=int(data.get("top_k", 10)),
+            what=self.what,
+            scalar=(self.scalars[0], self.scalar_label, lines),
+            singles=singles,
+        )
+
+
+def trajectories(its: np.ndarray, norms: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records of run ``b`` up to its stop (later records of a stopped run are NaN)."""
+    valid = np.isfinite(norms[:, b, :]).all(axis=1)
+    return its[valid], norms[valid, b, :]

@@ -1,0 +1,233 @@
+"""Depth versus nuclear-norm minimization.
+
+Arora, Cohen, Hu & Luo (NeurIPS 2019), Section 5; Cohen's 2021 slides
+("matrix factorization gives up minimal nuclear norm for low rank").  For
+depths 2, 3, 4 and init scales 1e-3 ... 1e-6, completion of a 100 x 100
+rank-5 matrix from 2000 and 5000 entries: reconstruction error, nuclear norm
+and effective rank of the solution against the init scale, beside the
+nuclear-norm minimizer (cvxpy + SCS) and the ground truth; and the error
+against the number of observations.  Every fit and every baseline is a unit
+of one resumable grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from implreg.config import param
+from implreg.experiments import mf_fit
+from implreg.experiments.base import GridExperiment, Preset
+from implreg.experiments.mf_fit import FitUnit, NuclearUnit
+from implreg.runs import SUMMARY, read_json
+
+
+@dataclass(frozen=True)
+class DepthNuclearConfig:
+    """Defaults of Arora et al. 2019; ``sweep_*`` set the error-against-observations panel."""
+
+    shape: tuple[int, ...] = param((100, 100), ge=1, min_len=2, max_len=2)
+    gt_rank: int = param(5, ge=1)
+    gt_norm: float = param(100.0, gt=0)
+    depths: tuple[int, ...] = param((2, 3, 4), ge=1)
+    init_scales: tuple[float, ...] = param((1e-3, 1e-4, 1e-5, 1e-6), gt=0)
+    observations: tuple[int, ...] = param((2000, 5000), ge=1, doc="entries of the main panels")
+    sweep_observations: tuple[int, ...] = param((1000, 2000, 3000, 4000, 5000), ge=1)
+    sweep_depths: tuple[int, ...] = param((2, 3), ge=1)
+    sweep_init_scale: float = param(1e-3, gt=0)
+    nuclear_tol: float = param(1e-3, gt=0, doc="SCS tolerance of the baseline")
+    solver: Literal["SCS", "CLARABEL"] = param("SCS", doc="cvxpy solver of the baseline")
+    lr: float = param(1e-3, gt=0)
+    eps: float = param(1e-4, gt=0)
+    tol: float = param(1e-6, ge=0)
+    max_iterations: int = param(300_000, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
+    workers: int = param(2, ge=1, doc="units run at once")
+    seed: int = param(0, ge=0)
+
+    def check(self) -> None:
+        from implreg.config import require
+
+        size = self.shape[0] * self.shape[1]
+        for m in (*self.observations, *self.sweep_observations):
+            require(
+                m <= size,
+                f"observation counts must lie in 1..{size} (the number of entries), got {m}",
+            )
+
+
+def fit_name(d: int, s: float, m: int) -> str:
+    return f"fit-d{d}-s{s:g}-m{m}"
+
+
+class DepthVsNuclear(GridExperiment):
+    name = "mf_depth_vs_nuclear"
+    aliases = ("mf_depth_nuclear",)
+    Config = DepthNuclearConfig
+    presets = (
+        Preset(
+            "mf-depth-vs-nuclear",
+            "Arora et al. 2019; Cohen 2021 slides (MF gives up min nuclear norm for low rank)",
+            "depth 2 / 3 / 4 x init 1e-3 ... 1e-6 x 2000 / 5000 entries against nuclear-norm "
+            "minimization (cvxpy + SCS): error, nuclear norm, effective rank; error vs entries",
+            tiny={
+                "shape": (10, 10),
+                "gt_rank": 1,
+                "gt_norm": 10.0,
+                "depths": (2,),
+                "init_scales": (1e-2,),
+                "observations": (40,),
+                "sweep_observations": (30, 40),
+                "sweep_depths": (2,),
+                "sweep_init_scale": 1e-2,
+                "max_iterations": 300,
+                "workers": 1,
+            },
+        ),
+    )
+
+    def units(self, cfg: DepthNuclearConfig) -> list:
+        """Fits (those shared by both panels listed once), then the nuclear baselines."""
+        problem = (tuple(cfg.shape), cfg.gt_rank, cfg.gt_norm)
+        fits: dict[str, FitUnit] = {}
+        combos = [(d, s, m) for m in cfg.observations for d in cfg.depths for s in cfg.init_scales]
+        combos += [
+            (d, cfg.sweep_init_scale, m) for m in cfg.sweep_observations for d in cfg.sweep_depths
+        ]
+        for d, s, m in combos:
+            name = fit_name(d, s, m)
+            fits.setdefault(
+                name,
+                FitUnit(
+                    name,
+                    *problem,
+                    m,
+                    cfg.seed,
+                    d,
+                    s,
+                    cfg.lr,
+                    cfg.eps,
+                    cfg.tol,
+                    cfg.max_iterations,
+                    dtype=cfg.dtype,
+                ),
+            )
+        ms = sorted(set(cfg.observations) | set(cfg.sweep_observations))
+        nucl = [
+            NuclearUnit(f"nuclear-m{m}", *problem, m, cfg.seed, cfg.nuclear_tol, cfg.solver)
+            for m in ms
+        ]
+        return [*fits.values(), *nucl]
+
+    def summarize(self, cfg: DepthNuclearConfig, results: list[dict]) -> dict:
+        m0 = cfg.observations[0]
+        truth = mf_fit.truth_summary(cfg.shape, cfg.gt_rank, cfg.gt_norm, m0, cfg.seed)
+        return {
+            "fits": [r for r in results if r.get("method") != "nuclear"],
+            "nuclear": [r for r in results if r.get("method") == "nuclear"],
+            "ground_truth": {
+                "nuclear_norm": truth["nuclear_norm"],
+                "effective_rank": truth["effective_rank"],
+            },
+        }
+
+    def rows(self, results: list[dict], summary: dict) -> list[dict]:
+        return [{"method": r.get("method", f"depth {r.get('depth')}"), **r} for r in results]
+
+    def summary_text(self, summary: dict) -> str:
+        lines = []
+        for f in summary["fits"]:
+            lines.append(
+                f"depth {f['depth']} init {f['init_scale']:g} m {f['m']}: "
+                f"test MSE {f['test_mse']:.3g}, "
+                f"nuclear norm {f['nuclear_norm']:.4g}, effective rank {f['effective_rank']:.3g} "
+                f"({f['status']}, {f['iterations']} iterations)"
+            )
+        for n in summary["nuclear"]:
+            lines.append(
+                f"nuclear-norm minimization m {n['m']}: test MSE {n['test_mse']:.3g}, "
+                f"nuclear norm {n['nuclear_norm']:.4g}, effective rank {n['effective_rank']:.3g}"
+            )
+        gt = summary["ground_truth"]
+        lines.append(
+            f"ground truth: nuclear norm {gt['nuclear_norm']:.4g}, "
+            f"effective rank {gt['effective_rank']:.3g}"
+        )
+        return "\n".join(lines)
+
+    def plot(self, run_dir: Path) -> list[Path]:
+        """Per observation count: error, nuclear norm, effective rank vs init scale; error vs m."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        run_dir = Path(run_dir)
+        s = read_json(run_dir / SUMMARY)
+        cfg = (
+            read_json(run_dir / "config.json")["config"]
+            if (run_dir / "config.json").exists()
+            else None
+        )
+        ms = sorted({f["m"] for f in s["fits"]} & {n["m"] for n in s["nuclear"]})
+        main_ms = [m for m in (cfg["observations"] if cfg else ms) if m in ms]
+        nuc = {n["m"]: n for n in s["nuclear"]}
+        keys = [
+            ("test_mse", "test MSE", "log"),
+            ("nuclear_norm", "nuclear norm", "linear"),
+            ("effective_rank", "effective rank", "linear"),
+        ]
+        fig, axes = plt.subplots(
+            len(main_ms) + 1, 3, figsize=(13, 3.3 * (len(main_ms) + 1)), squeeze=False
+        )
+        for row, m in enumerate(main_ms):
+            for col, (key, label, scale) in enumerate(keys):
+                ax = axes[row, col]
+                for d in sorted({f["depth"] for f in s["fits"]}):
+                    pts = sorted(
+                        (f["init_scale"], f[key])
+                        for f in s["fits"]
+                        if f["m"] == m and f["depth"] == d
+                    )
+                    if len(pts) > 1:
+                        ax.plot(*zip(*pts), "o-", label=f"depth {d}")
+                ax.axhline(nuc[m][key], color="k", ls="--", label="min nuclear norm")
+                if key != "test_mse":
+                    ax.axhline(s["ground_truth"][key], color="gray", ls=":", label="ground truth")
+                ax.set_xscale("log")
+                ax.set_yscale(scale)
+                ax.set_xlabel("init scale")
+                ax.set_title(f"{label}, {m} observations")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        ax = axes[len(main_ms), 0]
+        sweep_scale = cfg["sweep_init_scale"] if cfg else None
+        for d in sorted({f["depth"] for f in s["fits"]}):
+            pts = sorted(
+                (f["m"], f["test_mse"])
+                for f in s["fits"]
+                if f["depth"] == d and (sweep_scale is None or f["init_scale"] == sweep_scale)
+            )
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), "o-", label=f"depth {d}")
+        ax.plot(
+            *zip(*sorted((n["m"], n["test_mse"]) for n in s["nuclear"])),
+            "k--o",
+            label="min nuclear norm",
+        )
+        ax.set_yscale("log")
+        ax.set_xlabel("observed entries")
+        ax.set_title("test MSE against observations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        for ax in axes[len(main_ms), 1:]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = run_dir / "figure.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
+
+
+EXPERIMENT = DepthVsNuclear()

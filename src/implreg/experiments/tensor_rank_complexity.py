@@ -1,0 +1,283 @@
+"""Tensor rank as a measure of complexity (Razin, Maman & Cohen, ICML 2021, Section 5.2, Figure 4).
+
+MNIST and Fashion-MNIST, binarized (a pixel is 1 iff its byte is >= 128), are
+order-784 tensor-completion problems: each image indexes an entry, its label
+is the value.  For every one-vs-all task and every rank ``k`` in 1..15 the CP
+predictor of rank ``k`` with the lowest train MSE is sought; original data are
+fit far better than "rand image" (i.i.d. Bernoulli(1/2) pixels) and "rand
+label" (labels permuted within each split) at every rank.  Errors are on the
+0/1 scale; the test error clips each sample's squared error at 1.
+
+How the fit is done (:mod:`implreg.factorizations.cp_exp`): a CP predictor
+with positive factors is a sum of ``k`` exponentials of linear functions of
+the pixels, fitted by full-batch L-BFGS over standardized features, all ten
+tasks of a dataset (and its rand-label variant, which shares the images) in
+one matrix product.  One unit of the resumable grid
+(:class:`~implreg.experiments.image_tasks.RankUnit`) is one (dataset, inputs,
+rank) fit of all its tasks; the linear least-squares baseline is one unit per
+(dataset, inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from implreg.config import param, require
+from implreg.experiments.base import GridExperiment, Preset
+from implreg.experiments.image_tasks import RankUnit, input_groups, load_images
+from implreg.problems.images import DATASETS, resolve_data_dir
+from implreg.runs import SUMMARY, read_json
+
+VARIANTS = ("original", "rand_image", "rand_label")
+
+
+@dataclass(frozen=True)
+class TensorRankConfig:
+    """Settings of Figure 4.  Data, tasks and metric are the paper's.
+
+    The optimizer is mine (the authors: Adam lr 5e-4, batch 5000, 10000 epochs,
+    about 6.7 hours per fit here): full-batch L-BFGS with ``memory`` pairs for
+    up to ``iterations`` iterations per fit; a task stops earlier once three
+    iterations in a row improve its train MSE by less than ``rel_tol``
+    (relative).  ``train_samples`` / ``test_samples`` > 0 keep the first that
+    many images of each split (for quick runs); ``threads`` > 0 sets torch's
+    thread count.  ``representation="patches"`` is footnote 10 of the paper:
+    every non-overlapping ``patch_size`` x ``patch_size`` patch becomes the
+    index of its nearest of ``centroids`` k-means centroids (fit on at most
+    ``max_patches`` training patches), an input of order (28/size)^2 with
+    modes of size ``centroids``.
+    """
+
+    data_dir: str | None = param(None, doc="folder of mnist/ and fashion-mnist/")
+    datasets: tuple[Literal["mnist", "fashion-mnist"], ...] = param(DATASETS, unique=True)
+    variants: tuple[Literal["original", "rand_image", "rand_label"], ...] = param(
+        VARIANTS, unique=True
+    )
+    classes: tuple[int, ...] = param(tuple(range(10)), ge=0, le=9, unique=True)
+    ranks: tuple[int, ...] = param(tuple(range(1, 16)), ge=1, doc="CP ranks fitted")
+    iterations: int = param(500, ge=1, doc="L-BFGS iterations per fit (cap)")
+    rel_tol: float = param(1e-5, ge=0)
+    memory: int = param(20, ge=1, doc="L-BFGS memory pairs")
+    init_scale: float = param(0.05, ge=0)
+    linear_baseline: bool = True
+    representation: Literal["pixels", "patches"] = "pixels"
+    patch_size: int = param(4, ge=1)
+    centroids: int = param(16, ge=2, le=256)
+    max_patches: int = param(200_000, ge=1)
+    train_samples: int = param(0, ge=0, doc="keep the first N train images (0: all)")
+    test_samples: int = param(0, ge=0, doc="keep the first N test images (0: all)")
+    threads: int = param(0, ge=0, doc="torch threads (0: default)")
+    workers: int = param(1, ge=1, doc="units run at once (each holds a dataset)")
+    seed: int = param(0, ge=0)
+
+
+def table(results: list[dict]) -> list[dict]:
+    """One row per (dataset, variant, class, rank | linear) with train and test MSE."""
+    rows = []
+    for res in results:
+        for v, values in res["train_mse"].items():
+            for c, tr, te in zip(res["classes"], values, res["test_mse"][v]):
+                rows.append(
+                    {
+                        "dataset": res["dataset"],
+                        "variant": v,
+                        "class": c,
+                        "predictor": "linear" if res["rank"] is None else "cp",
+                        "rank": "" if res["rank"] is None else res["rank"],
+                        "train_mse": tr,
+                        "test_mse": te,
+                    }
+                )
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over the classes for each (dataset, variant, predictor, rank)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["variant"], r["predictor"], r["rank"]), []).append(r)
+    out = []
+    for (ds, v, pred, rank), rs in groups.items():
+        tr = np.array([r["train_mse"] for r in rs])
+        te = np.array([r["test_mse"] for r in rs])
+        out.append(
+            {
+                "dataset": ds,
+                "variant": v,
+                "predictor": pred,
+                "rank": rank,
+                "tasks": len(rs),
+                "train_mean": float(tr.mean()),
+                "train_std": float(tr.std()),
+                "test_mean": float(te.mean()),
+                "test_std": float(te.std()),
+            }
+        )
+    return out
+
+
+def variance(cfg: TensorRankConfig) -> dict:
+    """The paper's "variance" line: mean over the tasks of p(1-p), p the test positive rate."""
+    root = str(resolve_data_dir(cfg.data_dir))
+    out = {}
+    for ds in cfg.datasets:
+        labels = load_images(root, ds)["test"].labels
+        labels = labels[: cfg.test_samples] if cfg.test_samples > 0 else labels
+        ps = [float((labels == c).mean()) for c in cfg.classes]
+        out[ds] = float(np.mean([p * (1 - p) for p in ps]))
+    return out
+
+
+class TensorRankComplexity(GridExperiment):
+    name = "tensor_rank_complexity"
+    aliases = ("tensor_rank",)
+    Config = TensorRankConfig
+    table = "results.csv"
+    presets = (
+        Preset(
+            "tensor-rank-complexity",
+            "Razin et al. 2021, Figure 4 (tensor rank as a measure of complexity)",
+            "MNIST and Fashion-MNIST (--data-dir) as order-784 tensor completion: original, "
+            "rand image, rand label x 10 one-vs-all tasks x CP ranks 1..15, linear baseline",
+            tiny={
+                "datasets": ("mnist",),
+                "ranks": (1, 2),
+                "classes": (3,),
+                "iterations": 15,
+                "train_samples": 200,
+                "test_samples": 100,
+            },
+        ),
+    )
+
+    def prepare(self, cfg: TensorRankConfig, device: str = "cpu") -> TensorRankConfig:
+        """Check the data (every dataset readable) before any folder exists."""
+        root = resolve_data_dir(cfg.data_dir)
+        for name in cfg.datasets:
+            side = min(load_images(str(root), name)["train"].images.shape[1:])
+            require(
+                cfg.representation != "patches" or cfg.patch_size <= side,
+                f"patch_size {cfg.patch_size} does not fit the {side}-pixel {name} images",
+            )
+        return cfg
+
+    def units(self, cfg: TensorRankConfig) -> list[RankUnit]:
+        """Linear baselines first (fast), then fits by dataset, inputs and rank."""
+        data_dir = str(resolve_data_dir(cfg.data_dir).resolve())
+        common = dict(
+            data_dir=data_dir,
+            classes=tuple(cfg.classes),
+            iterations=cfg.iterations,
+            rel_tol=cfg.rel_tol,
+            memory=cfg.memory,
+            init_scale=cfg.init_scale,
+            train_samples=cfg.train_samples,
+            test_samples=cfg.test_samples,
+            threads=cfg.threads,
+            seed=cfg.seed,
+            representation=cfg.representation,
+            patch_size=cfg.patch_size,
+            centroids=cfg.centroids,
+            max_patches=cfg.max_patches,
+        )
+        out = []
+        for ds in cfg.datasets:
+            for inputs, variants in input_groups(cfg.variants):
+                group = dict(dataset=ds, inputs=inputs, variants=tuple(variants), **common)
+                if cfg.linear_baseline:
+                    out.append(RankUnit(f"linear-{ds}-{inputs}", "linear", rank=None, **group))
+                for r in sorted(set(cfg.ranks)):
+                    out.append(RankUnit(f"fit-{ds}-{inputs}-r{r}", "fit", rank=r, **group))
+        return out
+
+    def summarize(self, cfg: TensorRankConfig, results: list[dict]) -> dict:
+        return {
+            "fit_seconds_total": sum(r["seconds"] for r in results),
+            "variance": variance(cfg),
+            "means": aggregate(table(results)),
+        }
+
+    def rows(self, results: list[dict], summary: dict) -> list[dict]:
+        return table(results)
+
+    def describe(self, unit, result) -> str:
+        return unit.name
+
+    def summary_text(self, summary: dict) -> str:
+        lines = []
+        for m in summary["means"]:
+            what = "linear" if m["predictor"] == "linear" else f"rank {m['rank']:>2}"
+            lines.append(
+                f"{m['dataset']:<13} {m['variant']:<10} {what:<8}: train {m['train_mean']:.4f} "
+                f"(std {m['train_std']:.4f})  test {m['test_mean']:.4f} (std {m['test_std']:.4f})"
+            )
+        for ds, v in summary["variance"].items():
+            lines.append(f"{ds}: variance p(1-p) = {v:.4f}")
+        lines.append(f"fitting time {summary['fit_seconds_total']:.0f} s")
+        return "\n".join(lines)
+
+    _COLORS = {"original": "C0", "rand_image": "C1", "rand_label": "C2"}
+
+    def plot(self, run_dir: Path) -> list[Path]:
+        """Figure 4: train (solid) and test (dashed) MSE against rank, mean +- std over tasks."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        run_dir = Path(run_dir)
+        s = read_json(run_dir / SUMMARY)
+        means = s["means"]
+        datasets = list(dict.fromkeys(m["dataset"] for m in means))
+        fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+        for ax, ds in zip(axes[0], datasets):
+            for v in VARIANTS:
+                cp = sorted(
+                    (
+                        m
+                        for m in means
+                        if m["dataset"] == ds and m["variant"] == v and m["predictor"] == "cp"
+                    ),
+                    key=lambda m: m["rank"],
+                )
+                if not cp:
+                    continue
+                ranks = [m["rank"] for m in cp]
+                for key, style, label in (("train", "-o", "train"), ("test", "--s", "test")):
+                    mu = np.array([m[f"{key}_mean"] for m in cp])
+                    sd = np.array([m[f"{key}_std"] for m in cp])
+                    ax.plot(ranks, mu, style, color=self._COLORS[v], ms=3, label=f"{v} {label}")
+                    ax.fill_between(ranks, mu - sd, mu + sd, color=self._COLORS[v], alpha=0.12)
+                lin = [
+                    m
+                    for m in means
+                    if m["dataset"] == ds and m["variant"] == v and m["predictor"] == "linear"
+                ]
+                for m in lin:
+                    ax.axhline(
+                        m["train_mean"],
+                        color=self._COLORS[v],
+                        ls=":",
+                        lw=1,
+                        label=f"{v} linear train",
+                    )
+            ax.axhline(s["variance"][ds], color="k", ls="-.", lw=1, label="variance p(1-p)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("tensor rank")
+            ax.set_ylabel("mean squared error (0/1 scale)")
+            ax.set_title(ds)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = run_dir / "figure.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]
+
+
+EXPERIMENT = TensorRankComplexity()
