@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -67,3 +72,32 @@ class StopAfter:
     def is_set(self) -> bool:
         self.calls += 1
         return self.calls > self.k
+
+
+def _idx(array: np.ndarray) -> bytes:
+    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return head + array.astype(np.uint8).tobytes()
+
+
+def _fake_split(rng, n: int, side: int):
+    """Images whose class is drawn as a bright block at a class-specific place, plus noise."""
+    labels = rng.integers(0, 10, size=n)
+    images = (rng.random((n, side, side)) < 0.05).astype(np.uint8) * 255
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 4)
+        images[i, 2 * r : 2 * r + 2, 2 * col : 2 * col + 2] = 255
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name in ("mnist", "fashion-mnist"):
+        folder = root / name
+        folder.mkdir()
+        for prefix, n in (("train", 600), ("t10k", 200)):
+            images, labels = _fake_split(rng, n, 8)
+            (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+            (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
+    return root

@@ -1,3 +1,34 @@
-"""implreg: implicit regularization in matrix, tensor and hierarchical tensor factorization."""
+"""implreg: implicit regularization in matrix, tensor and hierarchical tensor factorization.
+
+``implreg.run("tf-dynamics", rank=200, out="runs/x")`` runs a preset and
+returns a :class:`~implreg.api.Run`; ``implreg.load("runs/x")`` reads a run
+folder; ``implreg.sweep("tf-dynamics", seeds=range(10))`` runs a preset over
+seeds and aggregates.  The registry of presets is
+:data:`implreg.experiments.PRESETS`.
+"""
 
 __version__ = "0.1.0"
+
+
+def run(preset, *, out=None, **kwargs):
+    """Run a preset (or a config, or a ``config.json``); see :func:`implreg.api.run`."""
+    from implreg.api import run as _run
+
+    return _run(preset, out=out, **kwargs)
+
+
+def load(run_dir):
+    """The run in ``run_dir``; see :func:`implreg.api.load`."""
+    from implreg.api import load as _load
+
+    return _load(run_dir)
+
+
+def sweep(preset, seeds, **kwargs):
+    """A preset over seeds with an aggregate; see :func:`implreg.seeds.seed_sweep`."""
+    from implreg.seeds import seed_sweep
+
+    return seed_sweep(preset, list(seeds), **kwargs)
+
+
+__all__ = ["__version__", "load", "run", "sweep"]

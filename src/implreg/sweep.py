@@ -9,7 +9,9 @@ with the unit's own fields, so
 
 - a finished unit is never recomputed (an interrupted grid resumes where it
   stopped), and a unit file computed with other settings is refused;
-- workers need no shared filesystem (a Ray cluster), see :mod:`implreg.backends`.
+- workers need no shared filesystem (a Ray cluster), see :mod:`implreg.backends`;
+  a unit that produces files returns them under the key ``FILES`` and the
+  driver writes them to ``<run_dir>/<unit name>/`` before the unit file.
 
 With ``workers == 1`` on the local backend units run in this process and can
 stop in the middle (``should_stop``); otherwise the backend runs them and an
@@ -29,9 +31,10 @@ from typing import Any, Protocol
 
 from implreg.backends import InterruptFlag, map_items
 from implreg.config import ConfigError, to_mapping
-from implreg.runs import write_json
+from implreg.runs import atomic_path, write_json
 
 UNITS = "units"
+FILES = "_files"  # a result key: {relative path: bytes} the driver writes under <run>/<unit name>/
 
 
 class Unit(Protocol):
@@ -113,6 +116,12 @@ def run_grid(
     todo = [u for u in units if u.name not in results]
 
     def finish(u: Any, res: Any) -> None:
+        files = res.pop(FILES, None) if isinstance(res, dict) else None
+        for rel, data in (files or {}).items():
+            target = Path(run_dir) / u.name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(data)
         write_json(unit_path(run_dir, u.name), {"unit": _spec(u), "result": res})
         results[u.name] = res
         if on_done is not None:

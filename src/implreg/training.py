@@ -50,6 +50,16 @@ class Interrupt:
         self._old.clear()
 
 
+class Poll:
+    """An interrupt flag read from a callable (``should_stop`` of the sweep engine)."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None):
+        self.should_stop = should_stop
+
+    def is_set(self) -> bool:
+        return self.should_stop is not None and bool(self.should_stop())
+
+
 class Recorder:
     """Record named per-run metrics at iteration 0, log-spaced early steps and every ``log_every``.
 

@@ -21,7 +21,7 @@ from implreg.factorizations.matrix import MatrixCompletion, mf_init, mf_product
 from implreg.losses import L2Loss
 from implreg.optim import AdaptiveGD, StopRule
 from implreg.problems.synthetic import low_rank_matrix, sample_indices
-from implreg.training import Recorder, train
+from implreg.training import Poll, Recorder, train
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -72,8 +72,8 @@ class FitUnit:
     top_k: int = 10
     history: bool = False
 
-    def execute(self, should_stop=None) -> dict:
-        return fit(self)
+    def execute(self, should_stop=None) -> dict | None:
+        return fit(self, should_stop)
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class NuclearUnit:
         return nuclear(self)
 
 
-def fit(u: FitUnit) -> dict:
-    """Train one deep matrix factorization; JSON-able result."""
+def fit(u: FitUnit, should_stop=None) -> dict | None:
+    """Train one deep matrix factorization; JSON-able result (None if ``should_stop()``)."""
     shape = tuple(u.shape)
     truth, idx = problem(shape, u.gt_rank, u.gt_norm, u.m, u.seed)
     rows, cols = idx[:, 0], idx[:, 1]
@@ -122,14 +122,17 @@ def fit(u: FitUnit) -> dict:
     recorder = Recorder(log_every=u.log_every, max_records=2000)
     stop = StopRule(u.tol, 1, 1, u.max_iterations)
     start = time.perf_counter()
-    state, _ = train(
+    state, interrupted = train(
         params=layers,
         loss_and_grad=lambda ls: engine.loss_and_grad(ls, loss),
         optimizer=AdaptiveGD(u.lr, eps=u.eps),
         stop=stop,
         recorder=recorder,
         evaluate=evaluate,
+        interrupt=Poll(should_stop),
     )
+    if interrupted:
+        return None
     seconds = time.perf_counter() - start
     out = {
         "depth": u.depth,
