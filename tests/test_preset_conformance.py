@@ -9,7 +9,9 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
+import torch
 from conftest import StopAfter, run_config
 
 from implreg.api import load, run_preset
@@ -111,3 +113,27 @@ def test_interrupt_then_resume_equals_uninterrupted(name, tiny_runs, tmp_path, f
     done = run_preset(out=cut, resume=True, log=lambda *_: None)
     assert done.finished and not done.interrupted
     _same_results(tiny_runs[name], done)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_gives_the_cpu_numbers_within_float_tolerance(name, tiny_runs, tmp_path, fake_data):
+    exp = PRESETS[name].experiment
+    if "cuda" not in exp.devices:
+        return
+    gpu = run_config(_config(name, fake_data), tmp_path / "gpu", device="cuda")
+    cpu = tiny_runs[name]
+    a, b = cpu.metrics(), gpu.metrics()
+    for key, col in a.items():
+        if "second" in key or not all(isinstance(v, float) for v in col):
+            continue
+        np.testing.assert_allclose(b[key], col, rtol=1e-3, atol=1e-6, err_msg=f"{name}: {key}")
+
+
+def test_device_cuda_without_cuda_is_one_sentence(tmp_path, capsys):
+    if torch.cuda.is_available():
+        return
+    out = tmp_path / "r"
+    assert main(["run", "tf-dynamics", "--device", "cuda", "--out", str(out)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()

@@ -263,6 +263,8 @@ def run_preset(
         preset, exp, cfg = resolve(
             name_or_config, overrides=overrides, seed=seed, data_dir=data_dir
         )
+        if device not in exp.devices:
+            raise ConfigError(f"{preset} runs on {' or '.join(exp.devices)} only, not {device}")
         prepared = _prepare(exp, cfg, device)  # checks data; raises before any folder exists
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(out) if out is not None else Path("runs") / f"{preset}-{stamp}"

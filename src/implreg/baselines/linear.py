@@ -82,7 +82,7 @@ def fit_linear(features, targets, *, rcond: float | None = None) -> LinearFit:
     y = y.detach().to(device="cpu", dtype=torch.float64)
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("features and targets must be finite")
-    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], dim=1)
     sol = torch.linalg.lstsq(design, y, rcond=rcond, driver="gelsd")
     w = sol.solution.T.contiguous().to(device)
     rank = int(sol.rank) if sol.rank.numel() else None

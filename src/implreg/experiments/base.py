@@ -95,6 +95,7 @@ class Experiment(abc.ABC):
     Config: ClassVar[type]
     presets: ClassVar[tuple[Preset, ...]]
     aliases: ClassVar[tuple[str, ...]] = ()  # names written by earlier versions
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # where it can run
     table: ClassVar[str] = "metrics.csv"  # the run's metrics, one row per record
 
     def prepare(self, cfg: Any, device: str = "cpu") -> Any:
@@ -150,7 +151,7 @@ class GridExperiment(Experiment):
     bulky: ClassVar[str | None] = None
 
     @abc.abstractmethod
-    def units(self, cfg: Any) -> list: ...
+    def units(self, cfg: Any, device: str = "cpu") -> list: ...
 
     @abc.abstractmethod
     def summarize(self, cfg: Any, results: list[dict]) -> dict: ...
@@ -168,10 +169,11 @@ class GridExperiment(Experiment):
 
     def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
         """(config, units, finished results by unit name) of a run folder, for plots."""
+        from implreg.runs import CONFIG, read_json
         from implreg.sweep import load_results
 
         cfg = self.config_of(run_dir)
-        grid = self.units(cfg)
+        grid = self.units(cfg, read_json(Path(run_dir) / CONFIG).get("device", "cpu"))
         return cfg, grid, load_results(run_dir, grid)
 
     def strip(self, result: dict) -> dict:
@@ -180,7 +182,7 @@ class GridExperiment(Experiment):
     def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
         from implreg.sweep import load_results, run_grid
 
-        grid = self.units(cfg)
+        grid = self.units(cfg, ctx.device)
         done = load_results(ctx.run_dir, grid)
         bar = ctx.bar(len(grid), len(done), unit="unit")
 

@@ -53,6 +53,7 @@ class RankUnit:
     patch_size: int
     centroids: int
     max_patches: int
+    device: str = "cpu"
 
     def execute(self, should_stop=None) -> dict | None:
         work = linear_unit if self.kind == "linear" else fit_unit
@@ -154,10 +155,11 @@ def fit_unit(u: RankUnit, should_stop=None) -> dict | None:
         torch.set_num_threads(u.threads)
     data = task_data(u)
     variants = u.variants
-    x_tr = torch.from_numpy(data["x_train"])
-    x_te = torch.from_numpy(data["x_test"])
-    y_tr = _targets(data, "train", variants)
-    y_te = _targets(data, "test", variants)
+    dev = torch.device(u.device)
+    x_tr = torch.from_numpy(data["x_train"]).to(dev)
+    x_te = torch.from_numpy(data["x_test"]).to(dev)
+    y_tr = _targets(data, "train", variants).to(dev)
+    y_te = _targets(data, "test", variants).to(dev)
     n_classes = len(u.classes)
     stopped = False
 
@@ -206,10 +208,11 @@ def linear_unit(u: RankUnit, should_stop=None) -> dict:
     data = task_data(u)
     variants = u.variants
     levels = data["levels"]
-    x_tr = one_hot_features(torch.from_numpy(data["x_train"]), levels, torch.float64)
-    x_te = one_hot_features(torch.from_numpy(data["x_test"]), levels, torch.float64)
-    y_tr = _targets(data, "train", variants).to(torch.float64)
-    y_te = _targets(data, "test", variants).to(torch.float64)
+    dev = torch.device(u.device)
+    x_tr = one_hot_features(torch.from_numpy(data["x_train"]).to(dev), levels, torch.float64)
+    x_te = one_hot_features(torch.from_numpy(data["x_test"]).to(dev), levels, torch.float64)
+    y_tr = _targets(data, "train", variants).to(dev, torch.float64)
+    y_te = _targets(data, "test", variants).to(dev, torch.float64)
     fit = fit_linear(x_tr, y_tr)
     n_classes = len(u.classes)
     return {

@@ -87,7 +87,7 @@ class DepthVsNuclear(GridExperiment):
         ),
     )
 
-    def units(self, cfg: DepthNuclearConfig) -> list:
+    def units(self, cfg: DepthNuclearConfig, device: str = "cpu") -> list:
         """Fits (those shared by both panels listed once), then the nuclear baselines."""
         problem = (tuple(cfg.shape), cfg.gt_rank, cfg.gt_norm)
         fits: dict[str, FitUnit] = {}
@@ -111,6 +111,7 @@ class DepthVsNuclear(GridExperiment):
                     cfg.tol,
                     cfg.max_iterations,
                     dtype=cfg.dtype,
+                    device=device,
                 ),
             )
         ms = sorted(set(cfg.observations) | set(cfg.sweep_observations))

@@ -146,6 +146,7 @@ class DetSign(GridExperiment):
     aliases = ("det_sign",)
     Config = DetSignConfig
     bulky = "records"
+    devices = ("cpu",)  # a compiled (numba) kernel of 2x2 matrices
     presets = (
         Preset(
             "mf-det-sign",
@@ -156,7 +157,7 @@ class DetSign(GridExperiment):
         ),
     )
 
-    def units(self, cfg: DetSignConfig) -> list[DetSignUnit]:
+    def units(self, cfg: DetSignConfig, device: str = "cpu") -> list[DetSignUnit]:
         return [
             DetSignUnit(
                 f"depth{d}-{mode}-{init}",

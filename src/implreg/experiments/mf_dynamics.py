@@ -78,7 +78,7 @@ class MFDynamics(GridExperiment):
         ),
     )
 
-    def units(self, cfg: MFDynamicsConfig) -> list[FitUnit]:
+    def units(self, cfg: MFDynamicsConfig, device: str = "cpu") -> list[FitUnit]:
         return [
             FitUnit(
                 f"depth{d}",
@@ -98,6 +98,7 @@ class MFDynamics(GridExperiment):
                 log_every=cfg.log_every,
                 top_k=cfg.top_k,
                 history=True,
+                device=device,
             )
             for d in cfg.depths
         ]

@@ -71,6 +71,7 @@ class FitUnit:
     log_every: int = 100
     top_k: int = 10
     history: bool = False
+    device: str = "cpu"
 
     def execute(self, should_stop=None) -> dict | None:
         return fit(self, should_stop)
@@ -99,7 +100,8 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
     truth, idx = problem(shape, u.gt_rank, u.gt_norm, u.m, u.seed)
     rows, cols = idx[:, 0], idx[:, 1]
     dtype = DTYPES[u.dtype]
-    engine = MatrixCompletion(shape, rows, cols, truth[rows, cols].to(dtype))
+    dev = torch.device(u.device)  # drawn on the CPU, moved: every device starts the same
+    engine = MatrixCompletion(shape, rows.to(dev), cols.to(dev), truth[rows, cols].to(dev, dtype))
     layers = mf_init(
         shape,
         u.depth,
@@ -108,15 +110,17 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
         generator=torch.Generator().manual_seed(u.seed + 1),
         dtype=dtype,
     )
+    layers = [layer.to(dev) for layer in layers]
     observed = torch.zeros(shape, dtype=torch.bool)
     observed[rows, cols] = True
     loss = L2Loss()
     top_k = u.top_k
+    truth_d, unobserved_d = truth.to(dev), (~observed).to(dev)
 
     def evaluate(ls):
         w = mf_product(ls).double()
-        sv = torch.linalg.svdvals(w)[:, :top_k].numpy()
-        test = (((w - truth) ** 2)[:, ~observed]).mean(1).numpy()
+        sv = torch.linalg.svdvals(w)[:, :top_k].cpu().numpy()
+        test = (((w - truth_d) ** 2)[:, unobserved_d]).mean(1).cpu().numpy()
         return {"singular_values": sv, "test_mse": test}
 
     recorder = Recorder(log_every=u.log_every, max_records=2000)
@@ -142,7 +146,7 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
         "iterations": state.iteration,
         "seconds": seconds,
         "final_train_loss": float(recorder.last("train_loss")[0]),
-        **matrix_summary(mf_product(layers)[0], truth, observed),
+        **matrix_summary(mf_product(layers)[0].cpu(), truth, observed),
     }
     if u.history:
         its, arrays = recorder.arrays()

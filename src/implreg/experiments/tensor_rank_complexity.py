@@ -165,7 +165,7 @@ class TensorRankComplexity(GridExperiment):
             )
         return cfg
 
-    def units(self, cfg: TensorRankConfig) -> list[RankUnit]:
+    def units(self, cfg: TensorRankConfig, device: str = "cpu") -> list[RankUnit]:
         """Linear baselines first (fast), then fits by dataset, inputs and rank."""
         data_dir = str(resolve_data_dir(cfg.data_dir).resolve())
         common = dict(
@@ -183,6 +183,7 @@ class TensorRankComplexity(GridExperiment):
             patch_size=cfg.patch_size,
             centroids=cfg.centroids,
             max_patches=cfg.max_patches,
+            device=device,
         )
         out = []
         for ds in cfg.datasets:

@@ -112,7 +112,8 @@ class ExpSumPredictor:
             for i in range(0, x.shape[0], chunk)
         ]
         if not out:
-            return torch.zeros(0, self.weights.shape[0], dtype=self.weights.dtype)
+            w = self.weights
+            return torch.zeros(0, w.shape[0], dtype=w.dtype, device=w.device)
         return torch.cat(out)
 
     def raw_linear(self) -> tuple[Tensor, Tensor]:
@@ -226,14 +227,14 @@ def fit_exp_sum(
     n, d = feats.shape
     tasks = targets.shape[1]
     if signs is None:
-        signs = torch.ones(tasks, rank, dtype=dtype)
+        signs = torch.ones(tasks, rank, dtype=dtype, device=feats.device)
     if signs.shape != (tasks, rank):
         raise ValueError(f"signs must be ({tasks}, {rank}), got {tuple(signs.shape)}")
     gen = torch.Generator().manual_seed(seed)
     mean = targets.to(torch.float64).mean(0).clamp_min(1e-6)
     w0 = torch.randn(tasks, rank, d, generator=gen, dtype=torch.float64) * (init_scale / d**0.5)
     b0 = torch.log(mean / rank).view(tasks, 1, 1).expand(tasks, rank, 1)
-    x0 = torch.cat([w0, b0], dim=2).reshape(tasks, -1).to(dtype)
+    x0 = torch.cat([w0, b0.cpu()], dim=2).reshape(tasks, -1).to(feats.device, dtype)
     objective = ExpSumObjective(feats, targets.to(dtype), signs)
     res = minimize(
         objective, x0, max_iter=iterations, memory=memory, rel_tol=rel_tol, callback=callback

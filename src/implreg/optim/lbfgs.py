@@ -72,23 +72,24 @@ def minimize(
         raise ValueError(f"x0 must be (batch, parameters), got shape {tuple(x0.shape)}")
     x = x0.detach().clone()
     batch = x.shape[0]
-    loss, grad_of = fun(x, torch.arange(batch))
-    grad = grad_of(torch.arange(batch))
+    dev = x.device
+    loss, grad_of = fun(x, torch.arange(batch, device=dev))
+    grad = grad_of(torch.arange(batch, device=dev))
     if not bool(torch.isfinite(loss).all()):
         raise ValueError("the objective is not finite at the starting point")
     evaluations = 1
     params = x.shape[1]
     # Per-problem ring buffers of the last ``memory`` pairs: slot ``(pos - 1 - k) % memory``
     # holds a problem's k-th newest pair, valid for ``k < count``.
-    s_mem = torch.zeros(batch, memory, params, dtype=x.dtype)
-    y_mem = torch.zeros(batch, memory, params, dtype=x.dtype)
-    rho_mem = torch.zeros(batch, memory, dtype=x.dtype)
-    count = torch.zeros(batch, dtype=torch.long)
-    pos = torch.zeros(batch, dtype=torch.long)
-    rows = torch.arange(batch)
-    active = torch.ones(batch, dtype=torch.bool)
-    slow = torch.zeros(batch, dtype=torch.long)
-    scale = torch.ones(batch, dtype=x.dtype)
+    s_mem = torch.zeros(batch, memory, params, dtype=x.dtype, device=dev)
+    y_mem = torch.zeros(batch, memory, params, dtype=x.dtype, device=dev)
+    rho_mem = torch.zeros(batch, memory, dtype=x.dtype, device=dev)
+    count = torch.zeros(batch, dtype=torch.long, device=dev)
+    pos = torch.zeros(batch, dtype=torch.long, device=dev)
+    rows = torch.arange(batch, device=dev)
+    active = torch.ones(batch, dtype=torch.bool, device=dev)
+    slow = torch.zeros(batch, dtype=torch.long, device=dev)
+    scale = torch.ones(batch, dtype=x.dtype, device=dev)
     history: list[Tensor] = []
     it = 0
     for it in range(1, max_iter + 1):
@@ -119,7 +120,7 @@ def minimize(
             steep = -grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
             direction = torch.where(bad[:, None], steep, direction)
             slope = _dot(grad, direction)
-        step = torch.ones(batch, dtype=x.dtype)
+        step = torch.ones(batch, dtype=x.dtype, device=dev)
         pending = active.clone()
         new_x, new_loss, new_grad = x.clone(), loss.clone(), grad.clone()
         for _ in range(max_backtracks):
