@@ -1,8 +1,8 @@
-"""Float64 metrics of end matrices of deep matrix factorization (REFERENCE §3).
+"""Float64 metrics of end matrices of deep matrix factorization (Arora et al. 2019).
 
 Every metric accepts a batch of matrices ``(B, n, n')`` and returns one value per
 batch entry (``(B,)``), or a single matrix ``(n, n')`` and returns a 0-d tensor.
-Inputs are converted to float64 first, as REFERENCE §3 asks for the effective
+Inputs are converted to float64 first, as Arora et al. 2019 compute the effective
 rank; the quantities follow Arora, Cohen, Hu & Luo (2019) and Razin & Cohen (2020).
 """
 
@@ -42,7 +42,7 @@ def effective_rank(x: Tensor) -> Tensor:
     """Effective rank of Roy & Vetterli (2007): ``exp(-sum_i p_i log p_i)``, ``p_i = s_i / sum s``.
 
     Zero singular values are dropped (``0 log 0 = 0``); a zero matrix has effective
-    rank 0 (REFERENCE §3).  Computed in float64.
+    rank 0 (Arora et al. 2019).  Computed in float64.
 
     Parameters
     ----------
@@ -187,7 +187,7 @@ def sign_changes(det_series: Iterable[float] | Tensor) -> list[int]:
 
     Zeros and non-finite values are skipped: they neither count as a change nor
     become the reference for the next value.  Used to flag discrete GD crossing
-    ``det(W_e) = 0`` (Razin & Cohen 2020; REFERENCE §3).
+    ``det(W_e) = 0`` (Razin & Cohen 2020).
 
     Parameters
     ----------

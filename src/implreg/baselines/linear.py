@@ -9,7 +9,7 @@ cannot fit these data accurately.  :func:`fit_linear` solves, for every task
 
 in float64.  :func:`mse` is the error of the paper: the mean squared error per
 task, optionally with each sample's squared error clipped (the test error of
-Figure 4 clips at 1 on the 0/1 label scale; REFERENCE §2).
+Figure 4 clips at 1 on the 0/1 label scale).
 """
 
 from __future__ import annotations

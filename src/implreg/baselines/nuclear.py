@@ -1,7 +1,7 @@
 """Nuclear-norm minimization baselines for matrix completion and matrix sensing.
 
 The baseline of Arora, Cohen, Hu and Luo (NeurIPS 2019), "Implicit Regularization in Deep
-Matrix Factorization" (REFERENCE.md section 3): among all matrices that fit the observations
+Matrix Factorization": among all matrices that fit the observations
 up to an absolute tolerance, return one of minimal nuclear norm,
 
     minimize ||X||_*  subject to  |<A_i, X> - y_i| <= tol,  i = 1, ..., m,
@@ -106,7 +106,7 @@ def nuclear_norm_completion(
 
     Solves ``minimize ||X||_*`` subject to ``|X[rows[i], cols[i]] - y[i]| <= tol`` for every
     observation, the convex baseline of Arora, Cohen, Hu and Luo (NeurIPS 2019),
-    "Implicit Regularization in Deep Matrix Factorization" (REFERENCE.md section 3, where
+    "Implicit Regularization in Deep Matrix Factorization" (Arora et al. 2019, where
     ``tol = 1e-3`` and the solver is SCS). The observations enter as one vectorized
     constraint through a sparse selection matrix acting on the row-major vec of ``X``.
 
@@ -199,7 +199,7 @@ def nuclear_norm_sensing(
 
     Solves ``minimize ||X||_*`` subject to ``|<A_i, X> - y_i| <= tol`` for every measurement,
     the sensing analogue of the convex baseline of Arora, Cohen, Hu and Luo (NeurIPS 2019),
-    "Implicit Regularization in Deep Matrix Factorization" (REFERENCE.md section 3). Row ``i``
+    "Implicit Regularization in Deep Matrix Factorization". Row ``i``
     of ``A`` is the row-major vec of ``A_i``, so ``<A_i, X> = A[i] @ X.reshape(-1)`` and all
     measurements form one vectorized constraint.
 

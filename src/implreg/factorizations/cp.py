@@ -1,7 +1,7 @@
 """CP (CANDECOMP/PARAFAC) tensor factorization.
 
 Implements the objects of Razin, Maman & Cohen, "Implicit Regularization in
-Tensor Factorization" (ICML 2021; ``shared/seeds/001_*``):
+Tensor Factorization" (ICML 2021):
 
 * the end tensor ``W_e = sum_r w_r^1 (x) ... (x) w_r^N`` (paper eq. 3);
 * component norms ``||w_r^1 (x) ... (x) w_r^N|| = prod_n ||w_r^n||``;

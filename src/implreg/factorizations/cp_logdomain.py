@@ -1,4 +1,4 @@
-"""CP predictors of very high order in the log domain (paper conclusion; REFERENCE §2).
+"""CP predictors of very high order in the log domain (Razin et al. 2021, Section 5.2).
 
 At order 784 (a binarized 28 x 28 image) the value of a CP factorization at
 an input ``x`` is ``sum_r prod_{n=1}^{784} A_n[x_n, r]``: a product of 784 numbers,

@@ -1,7 +1,7 @@
-"""Deep matrix factorization ``W_e = W_N ... W_1`` (REFERENCE §3; Arora, Cohen, Hu & Luo 2019).
+"""Deep matrix factorization ``W_e = W_N ... W_1`` (Arora, Cohen, Hu & Luo 2019).
 
 Implements the model of Arora et al., "Implicit Regularization in Deep Matrix
-Factorization" (NeurIPS 2019; ``shared/seeds/002_*``): a depth-``N`` linear
+Factorization" (NeurIPS 2019): a depth-``N`` linear
 network whose end-to-end matrix ``W_e`` is fit to observed entries
 (completion) or to linear measurements ``<A_i, W_e>`` (sensing).
 
@@ -72,7 +72,7 @@ def layer_sizes(shape: Sequence[int], depth: int, widths: Sequence[int] | None =
         Number of layers ``N >= 1``.
     widths : sequence of int, optional
         The ``N - 1`` hidden widths ``d_1, ..., d_{N-1}``; default
-        ``min(n_rows, n_cols)`` each ("full width", REFERENCE §3).
+        ``min(n_rows, n_cols)`` each ("full width", as in Arora et al. 2019).
 
     Returns
     -------
@@ -132,7 +132,7 @@ def mf_init(
         Positive finite end-to-end scales, one per batch entry.
     scheme : {"gaussian", "balanced", "orthogonal", "identity"}
         ``"gaussian"``: i.i.d. ``N(0, s^2)`` entries with
-        ``s = scale^(1/N) / sqrt(d_in)`` (REFERENCE §3; ``||W_e(0)||_F`` is about
+        ``s = scale^(1/N) / sqrt(d_in)`` (Arora et al. 2019; ``||W_e(0)||_F`` is about
         ``scale * sqrt(n_rows)``, ``scale * 10`` for 100 x 100).
         ``"balanced"``: a random Gaussian matrix rescaled to Frobenius norm
         ``scale * sqrt(min(n_rows, n_cols))`` and split through its SVD so that
@@ -151,7 +151,7 @@ def mf_init(
         Square end matrix only: flip the sign of the first column of the first
         layer (that is, of the first column of ``W_e``) when ``det(W_e) < 0``, so
         that every batch entry starts with ``det(W_e) > 0`` (Razin & Cohen 2020,
-        REFERENCE §3).  The sign is decided on the unscaled draw, so tiny scales
+        Arora et al. 2019).  The sign is decided on the unscaled draw, so tiny scales
         whose determinant underflows are handled too.
 
     Returns
@@ -227,7 +227,7 @@ def _prefix_products(layers: Sequence[Tensor]) -> list[Tensor]:
 
 
 def mf_product(layers: Sequence[Tensor]) -> Tensor:
-    """End-to-end matrix ``W_e = W_N ... W_1`` (REFERENCE §3), shape ``(B, n_rows, n_cols)``.
+    """End-to-end matrix ``W_e = W_N ... W_1`` (Arora et al. 2019), shape ``(B, n_rows, n_cols)``.
 
     Parameters
     ----------

@@ -61,7 +61,7 @@ class GD:
 
 
 class AdaptiveGD:
-    """Gradient descent with one global adaptive step per run (REFERENCE §1; paper App. B.2).
+    """Gradient descent with one global adaptive step per run (Razin et al. 2021, App. B.2).
 
     With ``g`` the concatenation of all gradients of a run:
     ``v_t = beta v_{t-1} + (1 - beta) ||g_t||^2``, ``v_0 = 0``;
@@ -204,7 +204,7 @@ def make_optimizer(name: str, *, lr: float, eps: float | None = None, beta: floa
 class StopRule:
     """Stop a run when its loss stays below ``tol`` for ``patience`` consecutive checks.
 
-    Checks happen every ``check_every`` iterations (REFERENCE §1: ``1e-8``, 51
+    Checks happen every ``check_every`` iterations (Razin et al. 2021, Appendix B: ``1e-8``, 51
     checks, every 25 iterations); ``max_iterations`` caps every run; a
     non-finite loss stops the run at once and records the iteration.
     """

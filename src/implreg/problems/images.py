@@ -1,4 +1,4 @@
-"""Image datasets as tensor completion (Razin et al. 2021 Section 5.2, Figure 1; REFERENCE §2).
+"""Image datasets as tensor completion (Razin et al. 2021, Section 5.2, Figure 1).
 
 A binary image of N pixels is an index into an order-N tensor with modes of
 size 2; its label is the entry at that index.  This module reads MNIST and

@@ -1,4 +1,4 @@
-"""Synthetic low-CP-rank ground truths, completion and sensing observations (REFERENCE §1).
+"""Low-CP-rank ground truths, completion and sensing observations (Razin et al. 2021, Sec. 5.1).
 
 Every random draw goes through an explicit ``torch.Generator``.
 """
@@ -52,7 +52,7 @@ def low_cp_rank_tensor(
 ) -> CPTensor:
     """Ground truth of CP rank ``rank``: factors i.i.d. N(0, 1), rescaled to norm ``norm``.
 
-    REFERENCE §1 (order 4, modes of size 10, rank 5, norm 1).  The rescaling is
+    Razin et al. 2021, Figure 3 (order 4, modes of size 10, rank 5, norm 1).  The rescaling is
     spread evenly over the factors and computed without building the tensor.
     """
     dims = [int(d) for d in dims]
@@ -142,7 +142,7 @@ class Sensing:
 
 
 def sensing_problem(truth: CPTensor, m: int, *, kind: str, generator: torch.Generator) -> Sensing:
-    """Gaussian sensing: entries of ``X_i`` i.i.d. with variance ``1 / #entries`` (REFERENCE §1).
+    """Gaussian sensing: ``X_i`` entries i.i.d. of variance ``1 / #entries`` (Razin et al. 2021).
 
     ``kind='gaussian'``: dense ``X_i`` (needs ``m x #entries`` numbers).
     ``kind='rank_one'``: ``X_i = x_i^1 (x) ... (x) x_i^N`` with ``x_i^n ~ N(0, I/d_n)``,
@@ -174,7 +174,7 @@ def low_rank_matrix(
 ) -> Tensor:
     """``U V^T`` with ``U, V`` i.i.d. N(0, 1) of width ``rank``, rescaled to Frobenius ``norm``.
 
-    REFERENCE §3 (Arora et al. 2019): 100 x 100, rank 5, norm 100 (entries of RMS 1).
+    Arora et al. 2019: 100 x 100, rank 5, norm 100 (entries of RMS 1).
     Float64.
     """
     n_rows, n_cols = (int(s) for s in shape)
