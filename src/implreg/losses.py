@@ -20,7 +20,7 @@ class PointwiseLoss(Protocol):
 
 @dataclass(frozen=True)
 class L2Loss:
-    """``l(z) = z^2``: the squared error of the published experiments (no 1/2; Razin et al. 2021)."""
+    """``l(z) = z^2``: the squared error of the published experiments (no 1/2)."""
 
     name: str = "l2"
 

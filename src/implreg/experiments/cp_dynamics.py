@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from implreg.config import ConfigError, param, require
@@ -25,6 +24,7 @@ from implreg.experiments.base import Preset
 from implreg.experiments.dynamics import (
     Dynamics,
     DynamicsExperiment,
+    learned_now,
     learned_summary,
     learned_text,
 )
@@ -180,18 +180,6 @@ def build_problem(cfg: CPDynamicsConfig, device: str = "cpu") -> Prepared:
     return Prepared(engine, loss, factors, evaluate)
 
 
-def _learned_now(values: dict, start: np.ndarray, fraction: float) -> dict:
-    """Live count for the progress bar, by the summary's rule on the current norms."""
-    counts = []
-    for b, norms in enumerate(values["component_norms"]):
-        if not np.isfinite(norms).all():
-            counts.append("-")  # this run has stopped
-            continue
-        threshold = max(fraction * float(norms.max()), 10.0 * float(start[b]))
-        counts.append(str(int((norms > threshold).sum())))
-    return {"learned": "/".join(counts)}
-
-
 class CPDynamics(DynamicsExperiment):
     """Figure 3 of Razin et al. 2021 and its Appendix B variants (Huber, sensing, order 3)."""
 
@@ -260,7 +248,7 @@ class CPDynamics(DynamicsExperiment):
             optimizer=make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps),
             stop=StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations),
             recorder=Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
-            describe=lambda v: _learned_now(v, start, cfg.learned_fraction),
+            describe=lambda v: learned_now(v["component_norms"], start, cfg.learned_fraction),
         )
 
     def summarize(self, cfg: CPDynamicsConfig, its, arrays, state) -> dict:

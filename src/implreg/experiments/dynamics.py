@@ -79,6 +79,18 @@ def learned_summary(its: np.ndarray, traj: np.ndarray, *, fraction: float, top_k
     }
 
 
+def learned_now(traj: np.ndarray, start: np.ndarray, fraction: float) -> dict:
+    """Live count for the progress bar, by the summary's rule on the current values ``(B, K)``."""
+    counts = []
+    for b, norms in enumerate(traj):
+        if not np.isfinite(norms).all():
+            counts.append("-")  # this run has stopped
+            continue
+        threshold = max(fraction * float(norms.max()), 10.0 * float(start[b]))
+        counts.append(str(int((norms > threshold).sum())))
+    return {"learned": "/".join(counts)}
+
+
 def learned_text(learned: list[dict], limit: int = 10) -> str:
     when = ", ".join(str(c["left_zero_at"]) for c in learned[:limit])
     return when + (", ..." if len(learned) > limit else "")
