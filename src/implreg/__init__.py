@@ -2,7 +2,7 @@
 
 ``implreg.run("tf-dynamics", rank=200, out="runs/x")`` runs a preset and
 returns a :class:`~implreg.api.Run`; ``implreg.load("runs/x")`` reads a run
-folder; ``implreg.sweep("tf-dynamics", seeds=range(10))`` runs a preset over
+folder; ``implreg.seed_sweep("tf-dynamics", range(10))`` runs a preset over
 seeds and aggregates.  The registry of presets is
 :data:`implreg.experiments.PRESETS`.
 """
@@ -24,11 +24,11 @@ def load(run_dir):
     return _load(run_dir)
 
 
-def sweep(preset, seeds, **kwargs):
+def seed_sweep(preset, seeds, **kwargs):
     """A preset over seeds with an aggregate; see :func:`implreg.seeds.seed_sweep`."""
-    from implreg.seeds import seed_sweep
+    from implreg.seeds import seed_sweep as _seed_sweep
 
-    return seed_sweep(preset, list(seeds), **kwargs)
+    return _seed_sweep(preset, list(seeds), **kwargs)
 
 
-__all__ = ["__version__", "load", "run", "sweep"]
+__all__ = ["__version__", "load", "run", "seed_sweep"]

@@ -1,6 +1,6 @@
 """Seed sweeps: one preset over many seeds, with the spread the papers never showed.
 
-``implreg sweep tf-dynamics --seeds 0-9`` (or ``implreg.sweep("tf-dynamics",
+``implreg sweep tf-dynamics --seeds 0-9`` (or ``implreg.seed_sweep("tf-dynamics",
 range(10))``) runs the preset once per seed, each run a unit of the sweep
 engine (local process pool by default, Ray with ``--backend ray``).  A worker
 runs its seed into a scratch folder and hands the files back; the driver
