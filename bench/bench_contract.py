@@ -59,7 +59,7 @@ def main() -> None:
         refs.append(bare(exp, cfg))
         runs.append(full(cfg))
         print(
-            f"  reference (bare train loop) {refs[-1]:6.2f} s   implreg run_preset {runs[-1]:6.2f} s"
+            f"  reference (bare train loop) {refs[-1]:6.2f} s, implreg run_preset {runs[-1]:6.2f} s"
         )
     ratios = [r / b for r, b in zip(runs, refs)]
     print(
