@@ -89,3 +89,13 @@ def create_run_dir(path: Path) -> Path:
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (figures are files; no screen is needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

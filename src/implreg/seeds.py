@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from implreg.config import ConfigError
-from implreg.runs import write_json
+from implreg.runs import pyplot, write_json
 from implreg.sweep import FILES, run_grid
 
 MAX_SEEDS = 10_000
@@ -290,10 +290,7 @@ def _curves(exp, folders: list[Path], b: int, trajectories, k: int) -> dict:
 
 def plot_aggregate(path: Path, agg: dict) -> Path:
     """Median trajectories with 25-75% bands over seeds, one column per run of the preset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = agg["curves"]
     fig, axes = plt.subplots(2, len(curves), figsize=(4.4 * len(curves), 6.4), squeeze=False)

@@ -40,6 +40,7 @@ from implreg.runs import (
     SUMMARY,
     atomic_path,
     load_checkpoint,
+    pyplot,
     save_checkpoint,
     write_json,
 )
@@ -111,10 +112,7 @@ def topk_figure(
     is ``(file stem, y label, [(label, iterations, values)])`` drawn on a log
     scale; ``singles`` names a separate file per run panel (and the scalar's).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     n = len(series) + (scalar is not None)

@@ -20,7 +20,7 @@ from implreg.config import param
 from implreg.experiments import mf_fit
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.mf_fit import FitUnit, NuclearUnit
-from implreg.runs import SUMMARY, read_json
+from implreg.runs import SUMMARY, pyplot, read_json
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,7 @@ class DepthVsNuclear(GridExperiment):
 
     def plot(self, run_dir: Path) -> list[Path]:
         """Per observation count: error, nuclear norm, effective rank vs init scale; error vs m."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         run_dir = Path(run_dir)
         s = read_json(run_dir / SUMMARY)

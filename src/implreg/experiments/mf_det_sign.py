@@ -30,6 +30,7 @@ import torch
 from implreg.config import param
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.factorizations.det_sign import init_layers, run_gd
+from implreg.runs import pyplot
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,7 @@ class DetSign(GridExperiment):
 
     def plot(self, run_dir: Path) -> list[Path]:
         """|W_11| and det(W_e) against the train loss (log, decreasing), one column per depth."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         run_dir = Path(run_dir)
         _, units, results = self.unit_results(run_dir)

@@ -51,8 +51,8 @@ def matrix_summary(w: torch.Tensor, truth: torch.Tensor, observed: torch.Tensor)
 
 
 @dataclass(frozen=True)
-class FitUnit:
-    """One deep matrix factorization fit (a unit of a grid); ``m`` observed entries."""
+class MatrixProblem:
+    """A completion problem: a rank-``gt_rank`` truth and ``m`` entries drawn from ``seed``."""
 
     name: str
     shape: tuple[int, ...]
@@ -60,6 +60,12 @@ class FitUnit:
     gt_norm: float
     m: int
     seed: int
+
+
+@dataclass(frozen=True)
+class FitUnit(MatrixProblem):
+    """One deep matrix factorization fit (a unit of a grid)."""
+
     depth: int
     init_scale: float
     lr: float
@@ -78,15 +84,9 @@ class FitUnit:
 
 
 @dataclass(frozen=True)
-class NuclearUnit:
-    """The nuclear-norm minimization baseline on the problem of ``(shape, ..., m, seed)``."""
+class NuclearUnit(MatrixProblem):
+    """The nuclear-norm minimization baseline on the same problem."""
 
-    name: str
-    shape: tuple[int, ...]
-    gt_rank: int
-    gt_norm: float
-    m: int
-    seed: int
     nuclear_tol: float
     solver: str = "SCS"
 

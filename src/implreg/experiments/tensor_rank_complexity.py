@@ -30,7 +30,7 @@ from implreg.config import param, require
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.image_tasks import RankUnit, input_groups, load_images
 from implreg.problems.images import DATASETS, resolve_data_dir
-from implreg.runs import SUMMARY, read_json
+from implreg.runs import SUMMARY, pyplot, read_json
 
 VARIANTS = ("original", "rand_image", "rand_label")
 
@@ -225,10 +225,7 @@ class TensorRankComplexity(GridExperiment):
 
     def plot(self, run_dir: Path) -> list[Path]:
         """Figure 4: train (solid) and test (dashed) MSE against rank, mean +- std over tasks."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.ticker import MaxNLocator
 
         run_dir = Path(run_dir)
