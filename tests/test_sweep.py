@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +29,15 @@ class Boom:
 
     def execute(self, should_stop=None) -> dict:
         raise ValueError("boom in a unit")
+
+
+@dataclass(frozen=True)
+class Killed:
+    name: str
+
+    def execute(self, should_stop=None) -> dict:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return {}
 
 
 def _values(results: dict) -> dict:
@@ -71,6 +81,12 @@ def test_a_failing_unit_raises_its_error_and_keeps_the_others(tmp_path, workers)
     with pytest.raises(ValueError, match="boom in a unit"):
         run_grid([Square("a", 1), Boom("b")], tmp_path, workers=workers)
     assert unit_path(tmp_path, "a").exists() or workers == 2
+    assert not unit_path(tmp_path, "b").exists()
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path):
+    with pytest.raises(RuntimeError, match="died \\(exit code -9\\)"):
+        run_grid([Square("a", 1), Killed("b"), Square("c", 3)], tmp_path, workers=2)
     assert not unit_path(tmp_path, "b").exists()
 
 

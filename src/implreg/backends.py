@@ -9,7 +9,8 @@ filesystem.  Every backend
   (the same on every backend, so the same grid gives the same numbers);
 - stops submitting when ``interrupt.is_set()``, cancels what is in flight and
   returns ``True`` (interrupted); finished results have been handed over;
-- leaves no worker behind when it returns or raises.
+- leaves no worker behind when it returns or raises, and a worker that dies is
+  an error, not a hang.
 
 ``local`` (the default) needs nothing installed; ``ray`` runs plain Ray remote
 tasks (``pip install 'implreg[ray]'``; :mod:`implreg.ray_backend`, imported
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from multiprocessing import connection as mp_connection
 from typing import Any, Protocol
 
 BACKENDS = ("local", "ray")
@@ -46,9 +48,9 @@ def call_with_threads(fn: Callable[[Any], Any], item: Any, threads: int) -> Any:
     return fn(item)
 
 
-def _pool_init() -> None:
-    """Pool workers leave Ctrl-C to the driver (which terminates them with SIGTERM) and die
-    with the driver, even when it is killed with SIGKILL (Linux ``PR_SET_PDEATHSIG``)."""
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the driver (which kills them) and die with the driver, even
+    when it is killed with SIGKILL (Linux ``PR_SET_PDEATHSIG``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
@@ -56,6 +58,20 @@ def _pool_init() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
+def _child(conn, fn: Callable[[Any], Any], item: Any, threads: int) -> None:
+    """One item in a forked worker: send ``("ok", value)`` or ``("error", exception)``."""
+    _worker_init()
+    try:
+        reply = ("ok", call_with_threads(fn, item, threads))
+    except BaseException as exc:  # noqa: BLE001 - handed to the driver, which re-raises it
+        reply = ("error", exc)
+    try:
+        conn.send(reply)
+    except Exception as exc:  # an unpicklable result or exception
+        conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+    conn.close()
 
 
 def map_local(
@@ -68,32 +84,52 @@ def map_local(
     interrupt: InterruptFlag | None = None,
     poll: float = 0.1,
 ) -> bool:
-    """A local process pool (``fork``); ``workers <= 1`` would be better run in-process.
+    """Local worker processes, one forked per item (``workers`` at a time).
 
-    On an interrupt the pool is terminated at once: the items in flight are
-    lost (their units are redone on resume), finished ones are kept.
+    A worker that dies (a crash, the out-of-memory killer) is an error naming
+    its exit code, never a hang.  On an interrupt or an error the workers in
+    flight are killed: their items are lost (redone on resume), finished ones
+    have been handed over.
     """
+    import torch  # noqa: F401  (forking before torch is imported can crash the children)
+
     if not items:
         return False
     ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(processes=min(workers, len(items)), initializer=_pool_init)
+    queue = list(enumerate(items))
+    running: dict[Any, tuple[int, Any]] = {}  # connection -> (item index, process)
     try:
-        queue = list(enumerate(items))
-        pending: dict[int, Any] = {}
-        while queue or pending:
+        while queue or running:
             if interrupt is not None and interrupt.is_set():
                 return True
-            while queue and len(pending) < workers:
+            while queue and len(running) < workers:
                 i, item = queue.pop(0)
-                pending[i] = pool.apply_async(call_with_threads, (fn, item, threads))
-            for i in [i for i, res in pending.items() if res.ready()]:
-                on_result(i, pending.pop(i).get())  # re-raises a worker's exception
-            if pending and not any(res.ready() for res in pending.values()):
-                next(iter(pending.values())).wait(poll)
+                here, there = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_child, args=(there, fn, item, threads), daemon=True)
+                proc.start()
+                there.close()
+                running[here] = (i, proc)
+            for conn in mp_connection.wait(list(running), timeout=poll):
+                i, proc = running.pop(conn)
+                try:
+                    kind, value = conn.recv()
+                except EOFError:
+                    proc.join()
+                    raise RuntimeError(
+                        f"the worker of unit {i} died (exit code {proc.exitcode})"
+                    ) from None
+                finally:
+                    conn.close()
+                proc.join()
+                if kind == "error":
+                    raise value
+                on_result(i, value)
         return False
     finally:
-        pool.terminate()
-        pool.join()
+        for conn, (_, proc) in running.items():
+            proc.kill()
+            proc.join()
+            conn.close()
 
 
 def map_items(
