@@ -138,7 +138,9 @@ def seed_sweep(
     if any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
         raise ConfigError("the seeds of a sweep come from --seeds, not --set seed=")
     if "workers" in {f.name for f in dataclasses.fields(cfg)}:
-        overrides.append("workers=1")  # one process per seed; no pools inside pool workers
+        # one process per seed: no pools inside the sweep's workers
+        overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "workers"]
+        overrides.append("workers=1")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out is not None else Path("runs") / f"sweep-{name}-{stamp}"
     path.mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,8 @@ def _curves(exp, folders: list[Path], b: int, trajectories, k: int) -> dict:
             rows = [r for r in csv.DictReader(fh) if int(r["run"]) == b]
         err_its = np.array([int(r["iteration"]) for r in rows])
         err = np.array([float(r[exp.scalars[0]]) for r in rows])
+        keep = np.isfinite(err)  # records after a run stopped are NaN
+        err_its, err = err_its[keep], err[keep]
         top = -np.sort(-norms, axis=1)[:, :k]
         per.append((its, top, err_its, err))
     end = max(max(p[0][-1], p[2][-1]) for p in per)
