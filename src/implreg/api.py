@@ -265,11 +265,11 @@ def run_preset(
         )
         if device not in exp.devices:
             raise ConfigError(f"{preset} runs on {' or '.join(exp.devices)} only, not {device}")
+        if out is not None and str(out) == "":
+            raise ConfigError("out must name a folder, got ''")
         prepared = _prepare(exp, cfg, device)  # checks data; raises before any folder exists
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(out) if out is not None else Path("runs") / f"{preset}-{stamp}"
-        if str(out) == "":
-            raise ConfigError("out must name a folder, got ''")
         try:
             create_run_dir(path)
         except FileExistsError as exc:

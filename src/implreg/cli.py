@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a configuration value (repeatable)",
         )
-        p.add_argument("--out", type=Path, help="run folder (default runs/PRESET-TIMESTAMP)")
+        p.add_argument("--out", help="run folder (default runs/PRESET-TIMESTAMP)")
         p.add_argument(
             "--data-dir",
             type=Path,

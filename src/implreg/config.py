@@ -170,7 +170,11 @@ def _coerce(kind: Any, value: Any, key: str):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_INT:
-            raise ConfigError(f"{key} is too large, got {value}")
+            try:
+                shown = f"{float(value):.3g}"
+            except OverflowError:
+                shown = f"a number of {len(str(abs(value)))} digits"
+            raise ConfigError(f"{key} is too large, got {shown}")
         return value
     if kind is bool and isinstance(value, bool):
         return value

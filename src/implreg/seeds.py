@@ -142,8 +142,13 @@ def seed_sweep(
         overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "workers"]
         overrides.append("workers=1")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out is not None and str(out) == "":
+        raise ConfigError("out must name a folder, got ''")
     path = Path(out) if out is not None else Path("runs") / f"sweep-{name}-{stamp}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the sweep folder {path}: {exc.strerror}") from None
     resolved_dir = getattr(cfg, "data_dir", None)
     units = [SeedUnit(f"seed-{s}", name, tuple(overrides), s, resolved_dir, device) for s in seeds]
     write_json(path / "sweep.json", {"preset": name, "seeds": seeds, "overrides": overrides})
