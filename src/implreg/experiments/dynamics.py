@@ -42,6 +42,7 @@ from implreg.runs import (
     load_checkpoint,
     pyplot,
     save_checkpoint,
+    save_figure,
     write_json,
 )
 from implreg.training import Recorder, TrainState, train
@@ -120,11 +121,7 @@ def topk_figure(
     paths = []
 
     def save(f, name: str) -> None:
-        f.tight_layout()
-        p = run_dir / name
-        f.savefig(p, dpi=110)
-        plt.close(f)
-        paths.append(p)
+        paths.append(save_figure(f, run_dir / name))
 
     for i, (label, its, traj) in enumerate(series):
         sel = top_components(traj, top_k)

@@ -20,7 +20,7 @@ from implreg.config import param
 from implreg.experiments import mf_fit
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.mf_fit import FitUnit, NuclearUnit
-from implreg.runs import SUMMARY, pyplot, read_json
+from implreg.runs import SUMMARY, pyplot, read_json, save_figure
 
 
 @dataclass(frozen=True)
@@ -221,11 +221,7 @@ class DepthVsNuclear(GridExperiment):
         ax.legend(fontsize=7)
         for ax in axes[len(main_ms), 1:]:
             ax.axis("off")
-        fig.tight_layout()
-        path = run_dir / "figure.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, run_dir / "figure.png", dpi=100)]
 
 
 EXPERIMENT = DepthVsNuclear()

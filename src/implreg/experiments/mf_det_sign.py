@@ -30,7 +30,7 @@ import torch
 from implreg.config import param
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.factorizations.det_sign import init_layers, run_gd
-from implreg.runs import pyplot
+from implreg.runs import pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -239,11 +239,7 @@ class DetSign(GridExperiment):
             bottom.set_yscale("symlog", linthresh=1e-6)
             bottom.set_ylabel("det(W_e)")
             bottom.axhline(0.0, color="k", lw=0.8)
-        fig.tight_layout()
-        path = run_dir / "figure.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, run_dir / "figure.png", dpi=110)]
 
 
 EXPERIMENT = DetSign()

@@ -30,7 +30,7 @@ from implreg.config import param, require
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.image_tasks import RankUnit, input_groups, load_images
 from implreg.problems.images import DATASETS, resolve_data_dir
-from implreg.runs import SUMMARY, pyplot, read_json
+from implreg.runs import SUMMARY, pyplot, read_json, save_figure
 
 VARIANTS = ("original", "rand_image", "rand_label")
 
@@ -271,11 +271,7 @@ class TensorRankComplexity(GridExperiment):
             ax.set_title(ds)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = run_dir / "figure.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, run_dir / "figure.png", dpi=110)]
 
 
 EXPERIMENT = TensorRankComplexity()
