@@ -90,6 +90,17 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path):
     assert not unit_path(tmp_path, "b").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{bad", "not a readable unit file"), ('{"value": 1}', "no unit settings")],
+)
+def test_a_damaged_unit_file_is_one_sentence(tmp_path, text, message):
+    run_grid([Square("u0", 2)], tmp_path)
+    unit_path(tmp_path, "u0").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        run_grid([Square("u0", 2)], tmp_path)
+
+
 def test_repeated_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="repeat"):
         run_grid([Square("u", 1), Square("u", 2)], tmp_path)

@@ -81,8 +81,15 @@ def load_results(run_dir: Path, units: Sequence[Any]) -> dict[str, Any]:
         p = unit_path(run_dir, u.name)
         if not p.exists():
             continue
-        data = json.loads(p.read_text())
-        if data.get("unit") != _spec(u):
+        try:
+            data = json.loads(p.read_text())
+        except ValueError:
+            raise ConfigError(
+                f"{p} is not a readable unit file; delete it to redo the unit"
+            ) from None
+        if not isinstance(data, dict) or "unit" not in data or "result" not in data:
+            raise ConfigError(f"{p} holds no unit settings (written by an earlier implreg?)")
+        if data["unit"] != _spec(u):
             raise ConfigError(
                 f"{p} was computed with other settings than this configuration asks for"
             )
