@@ -82,7 +82,7 @@ BAD = [
     (["run", "tf-dynamics", "--set", "rank=5", "--set", "rank=6"], "'rank' is set twice"),
     (["run", "tf-dynamics", "--set", "max_iterations=1e300"], "max_iterations is too large"),
     (["run", "tf-dynamics", "--set", "learned_fraction=1"], "learned_fraction must be in (0, 1)"),
-    (["run", "tf-dynamics", "--backend", "dask"], "backend must be one of local, ray"),
+    (["run", "tf-dynamics", "--backend", "dask"], "backend must be one of local, ray, slurm"),
     (["run", "tf-dynamics", "--set", "rank=1e300"], "rank is too large, got 1e+300"),
     (["run", "tf-dynamics", "--device", "tpu"], "device must be one of cpu, cuda"),
     (["run", "tf-dynamics", "--set", "num_observations=20000"], "larger than the tensor"),

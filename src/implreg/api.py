@@ -197,6 +197,8 @@ def _check_backend(backend: str) -> None:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("the ray backend needs Ray: pip install 'implreg[ray]'")
+    if backend == "slurm" and importlib.util.find_spec("submitit") is None:
+        raise ConfigError("the slurm backend needs submitit: pip install 'implreg[slurm]'")
 
 
 def _prepare(exp: Experiment, cfg: Any, device: str) -> Any:

@@ -13,8 +13,9 @@ filesystem.  Every backend
   an error, not a hang.
 
 ``local`` (the default) needs nothing installed; ``ray`` runs plain Ray remote
-tasks (``pip install 'implreg[ray]'``; :mod:`implreg.ray_backend`, imported
-only when asked for).
+tasks (``pip install 'implreg[ray]'``; :mod:`implreg.ray_backend`), ``slurm``
+one submitit job array per grid (``pip install 'implreg[slurm]'``;
+:mod:`implreg.slurm_backend`), each imported only when asked for.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing import connection as mp_connection
 from typing import Any, Protocol
 
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "slurm")
 
 
 class InterruptFlag(Protocol):
@@ -152,6 +153,12 @@ def map_items(
         from implreg.ray_backend import map_ray
 
         return map_ray(
+            fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
+        )
+    if backend == "slurm":
+        from implreg.slurm_backend import map_slurm
+
+        return map_slurm(
             fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
         )
     raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
