@@ -146,19 +146,13 @@ def map_items(
     """Run ``fn`` over ``items`` on ``backend``; returns whether it was interrupted."""
     threads = threads if threads is not None else default_threads(workers)
     if backend == "local":
-        return map_local(
-            fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
-        )
-    if backend == "ray":
-        from implreg.ray_backend import map_ray
-
-        return map_ray(
-            fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
-        )
-    if backend == "slurm":
-        from implreg.slurm_backend import map_slurm
-
-        return map_slurm(
-            fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
-        )
-    raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+        mapper = map_local
+    elif backend == "ray":
+        from implreg.ray_backend import map_ray as mapper
+    elif backend == "slurm":
+        from implreg.slurm_backend import map_slurm as mapper
+    else:
+        raise ValueError(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+    return mapper(
+        fn, items, workers=workers, threads=threads, on_result=on_result, interrupt=interrupt
+    )
