@@ -15,10 +15,10 @@ folder only when it holds no finished work.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as _dt
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +34,9 @@ from implreg.experiments import (
 )
 from implreg.experiments.base import Outcome, RunContext
 from implreg.runs import (
-    CHECKPOINT,
     CONFIG,
     SUMMARY,
+    RunLock,
     create_run_dir,
     read_json,
     versions,
@@ -106,7 +106,10 @@ class Run:
 
     def summary_text(self) -> str:
         s = self.summary
-        return self.experiment.summary_text(s) if s is not None else "the run has not finished"
+        if s is None:
+            return "the run has not finished"
+        text = self.experiment.summary_text(s)
+        return "\n".join([text, *(f"PROBLEM: {p}" for p in s.get("problems", []))])
 
 
 def _number(text: str) -> Any:
@@ -134,7 +137,10 @@ def resolve(
             raise ConfigError(f"no config file at {path}")
         saved = _read_config(path)
         exp = get_experiment(saved["experiment"])
-        cfg = from_mapping(exp.Config, saved["config"])
+        try:
+            cfg = from_mapping(exp.Config, saved["config"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path} holds an invalid config: {exc}") from None
         preset = str(saved.get("preset", exp.name))
     elif isinstance(name_or_config, str):
         p = get_preset(name_or_config)
@@ -218,9 +224,16 @@ def load(run_dir: str | Path) -> Run:
         raise ConfigError(f"{path} is not a run folder (no {CONFIG})")
     saved = _read_config(path / CONFIG)
     exp = get_experiment(saved["experiment"])
-    cfg = from_mapping(exp.Config, saved["config"])
+    try:
+        cfg = from_mapping(exp.Config, saved["config"])
+        check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{path / CONFIG} holds an invalid config: {exc}") from None
+    device = saved.get("device", "cpu")
+    if device not in DEVICES:
+        raise ConfigError(f"{path / CONFIG} names an unknown device {device!r}")
     preset = str(saved.get("preset", exp.name))
-    return Run(path, preset, exp, cfg, str(saved.get("device", "cpu")), info=saved)
+    return Run(path, preset, exp, cfg, device, info=saved)
 
 
 def run_preset(
@@ -236,6 +249,10 @@ def run_preset(
     progress: bool = False,
     interrupt: InterruptFlag | None = None,
     log=print,
+    checkpoint_every: int = 0,
+    checkpoint_seconds: float = 60.0,
+    max_memory: int | str | None = None,
+    threads: int | None = None,
 ) -> Run:
     """Run a preset (a name, a config dataclass or a ``config.json``) into a run folder.
 
@@ -244,10 +261,27 @@ def run_preset(
     the run at the next safe point when ``interrupt`` is not given and this is
     the main thread; the returned :class:`Run` then has ``interrupted`` set and
     ``implreg.run_preset(out=..., resume=True)`` continues it.
+
+    Crash safety: long runs write ``checkpoint.pt`` every ``checkpoint_every``
+    iterations and every ``checkpoint_seconds`` seconds (atomically, fsynced),
+    so a kill -9 loses at most one interval; grids keep every finished unit.
+    One process at a time holds a run folder (a ``.lock``); a second is refused.
+    A failure never deletes finished work: a fresh folder is removed only while
+    it holds nothing but its ``config.json``.  ``max_memory`` (bytes, or "4G")
+    replaces the free memory as the limit of the up-front memory check;
+    ``threads`` overrides the thread policy (:mod:`implreg.threads`).
     """
+    from implreg.resources import check_memory, parse_size
     from implreg.training import Interrupt
 
     _check_backend(backend)
+    _check_int("checkpoint_every", checkpoint_every, 0)
+    if not (isinstance(checkpoint_seconds, (int, float)) and checkpoint_seconds >= 0):
+        raise ConfigError(f"checkpoint_seconds must be a number >= 0, got {checkpoint_seconds!r}")
+    if threads is not None:
+        _check_int("threads", threads, 1)
+    limit = parse_size(max_memory) if max_memory is not None else None
+    lock = None
     if resume:
         if out is None:
             raise ConfigError("resume needs the run folder (out)")
@@ -257,7 +291,18 @@ def run_preset(
         if run.finished:
             raise ConfigError(f"the run in {out} has already finished")
         _check_device(run.device)
-        prepared = _prepare(run.experiment, run.config, run.device)
+        check_memory(
+            run.experiment.memory_estimate(run.config),
+            device=run.device,
+            max_memory=limit,
+            name=run.preset,
+        )
+        lock = RunLock(run.path).acquire()
+        try:
+            prepared = _prepare(run.experiment, run.config, run.device)
+        except BaseException:
+            lock.release()
+            raise
     else:
         if name_or_config is None:
             raise ConfigError("name a preset to run (see `implreg list`), or resume a run folder")
@@ -267,17 +312,20 @@ def run_preset(
         )
         if device not in exp.devices:
             raise ConfigError(f"{preset} runs on {' or '.join(exp.devices)} only, not {device}")
-        if out is not None and str(out) == "":
+        if out is not None and str(out).strip() == "":
             raise ConfigError("out must name a folder, got ''")
-        prepared = _prepare(exp, cfg, device)  # checks data; raises before any folder exists
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(out) if out is not None else Path("runs") / f"{preset}-{stamp}"
+        _check_out(path)
+        check_memory(exp.memory_estimate(cfg), device=device, max_memory=limit, name=preset)
+        prepared = _prepare(exp, cfg, device)  # checks data; raises before any folder exists
+        fresh = not path.exists()
         try:
-            create_run_dir(path)
+            path, lock = create_run_dir(path)
         except FileExistsError as exc:
             raise ConfigError(str(exc)) from None
         except OSError as exc:
-            raise ConfigError(f"cannot create the run folder {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot create the run folder {path}: {_reason(exc)}") from None
         info = {
             "preset": preset,
             "experiment": exp.name,
@@ -287,7 +335,11 @@ def run_preset(
             "versions": versions(),
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        write_json(path / CONFIG, info)
+        try:
+            write_json(path / CONFIG, info)
+        except OSError as exc:
+            _remove_new_folder(path, lock, fresh)
+            raise RunError(f"cannot write {path / CONFIG}: {_reason(exc)}") from None
         run = Run(path, preset, exp, cfg, device, info=info)
     ctx = RunContext(
         run.path,
@@ -296,19 +348,87 @@ def run_preset(
         log=log,
         backend=backend,
         device=run.device,
+        checkpoint_every=checkpoint_every,
+        checkpoint_seconds=float(checkpoint_seconds),
+        threads=threads,
     )
-    with Interrupt() if interrupt is None else _Given(interrupt) as stop:
-        ctx.interrupt = stop
-        log(f"run folder: {run.path}")  # signals are handled from here on
-        try:
-            run.outcome = run.experiment.run(run.config, prepared, ctx)
-            run.signum = getattr(stop, "signum", None)
-        except BaseException:
-            keep = (run.path / CHECKPOINT).exists() or run.experiment.has_finished_work(run.path)
-            if not resume and not keep:
-                shutil.rmtree(run.path, ignore_errors=True)
-            raise
+    try:
+        with Interrupt() if interrupt is None else _Given(interrupt) as stop:
+            ctx.interrupt = stop
+            log(f"run folder: {run.path}")  # signals are handled from here on
+            try:
+                run.outcome = run.experiment.run(run.config, prepared, ctx)
+                run.signum = getattr(stop, "signum", None)
+            except Exception as exc:  # not KeyboardInterrupt/SystemExit: the folder stays
+                if not resume and _holds_nothing(run.path):
+                    _remove_new_folder(run.path, lock, fresh)
+                    lock = None
+                if isinstance(exc, OSError) and not isinstance(exc, ConfigError):
+                    where = exc.filename or run.path
+                    raise RunError(
+                        f"cannot write {where}: {_reason(exc)}; "
+                        f"what the run finished is kept in {run.path}"
+                    ) from None
+                raise
+    finally:
+        if lock is not None:
+            lock.release()
     return run
+
+
+class RunError(RuntimeError):
+    """A run that could not complete (out of space, no permission), in one sentence; exit 1."""
+
+
+def _reason(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied" if exc.errno != errno.EROFS else "read-only file system"
+    return (exc.strerror or str(exc)).rstrip(".").lower() or type(exc).__name__
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether a run folder holds nothing but its ``config.json`` and lock (nothing to lose)."""
+    try:
+        return all(_disposable(p) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _disposable(p: Path) -> bool:
+    return p.name in (CONFIG, RunLock.NAME) or p.name.endswith(".tmp")
+
+
+def _remove_new_folder(path: Path, lock, fresh: bool) -> None:
+    """Undo :func:`create_run_dir` for a run that wrote nothing of value."""
+    for p in list(path.iterdir()) if path.is_dir() else []:
+        if _disposable(p):
+            p.unlink(missing_ok=True)
+    if lock is not None:
+        lock.release()
+    if fresh:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_out(path: Path) -> None:
+    """Refuse an --out that cannot become a run folder (under a file, in /proc), before any work."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if parent != path and not parent.is_dir():
+                raise ConfigError(f"cannot create the run folder {path}: {parent} is a file")
+            break
+    real = path.resolve()
+    if real.parts[:2] in (("/", "proc"), ("/", "sys"), ("/", "dev")):
+        raise ConfigError(f"cannot create the run folder {path}: {real.parts[1]} is not for files")
 
 
 class _Given:
@@ -329,6 +449,7 @@ def run(preset: str | Path | Any, *, out: str | Path | None = None, **kwargs: An
     """``implreg.run("tf-dynamics", rank=200, out="runs/x")``: keywords that are not options
     of :func:`run_preset` (seed, data_dir, device, backend, progress, resume) are config keys."""
     options = {"seed", "data_dir", "device", "backend", "progress", "resume", "interrupt", "log"}
+    options |= {"checkpoint_every", "checkpoint_seconds", "max_memory", "threads"}
     opts = {k: kwargs.pop(k) for k in list(kwargs) if k in options}
     opts.setdefault("log", lambda *_: None)
     return run_preset(preset, out=out, overrides=kwargs, **opts)

@@ -18,7 +18,7 @@ from implreg.config import ConfigError, describe
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="implreg",
         description="Implicit regularization in tensor and matrix factorization: "
         "the published experiments, fast.",
@@ -57,6 +57,28 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="local", help=f"{' | '.join(BACKENDS)} (default local)")
         p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--max-memory",
+            metavar="SIZE",
+            help="refuse runs estimated to need more (e.g. 4G; default: the free memory)",
+        )
+        p.add_argument(
+            "--threads", type=int, metavar="N", help="torch threads (default: the thread policy)"
+        )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="ITER",
+        help="also write a checkpoint every ITER iterations (default: by time only)",
+    )
+    run.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        metavar="SEC",
+        help="write a checkpoint every SEC seconds (default 60; kill -9 loses at most this)",
+    )
     run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
     plot = sub.add_parser("plot", help="redraw the figures of a run folder")
     plot.add_argument("run_dir", type=Path)
@@ -118,6 +140,10 @@ def _cmd_run(args) -> int:
         backend=args.backend,
         progress=not args.no_progress,
         log=lambda msg: print(msg, flush=True),
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=args.checkpoint_seconds,
+        max_memory=args.max_memory,
+        threads=args.threads,
     )
     outcome = run.outcome
     assert outcome is not None
@@ -164,8 +190,32 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-sentence errors (``implreg: error: ...``, exit 2) and no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"implreg: error: {message} (see implreg {self._sub_name()}--help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _sub_name(self) -> str:
+        words = self.prog.split()[1:]
+        return " ".join(words) + " " if words else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; exit 0 done, 1 failed (a run diverged, a file could not be
+    written), 2 refused input, 130 / 143 interrupted.  Never a traceback for these."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (imports, data loading, plotting)
+        print("implreg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from implreg.api import RunError
+
     try:
         if args.command == "list":
             return _cmd_list()
@@ -178,9 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             return _cmd_plot(args)
     except ConfigError as exc:
-        print(f"implreg: error: {exc}", file=sys.stderr)
+        print(f"implreg: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"implreg: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

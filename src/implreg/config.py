@@ -18,6 +18,7 @@ turns it into exit code 2 before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import types
 import typing
@@ -118,11 +119,14 @@ def _parse_scalar(kind: type, text: str, key: str):
         try:
             val = int(text)
         except ValueError:
+            # "2e9" is an integer written as a float: take it exactly (Decimal), or refuse it
             try:
-                num = float(text)
-            except ValueError:
+                num = decimal.Decimal(text.strip())
+            except decimal.InvalidOperation:
                 raise ConfigError(f"{key} must be an integer, got {text!r}") from None
-            if not (math.isfinite(num) and num == int(num)):
+            if not num.is_finite() or num != num.to_integral_value() or abs(num) > MAX_INT:
+                if num.is_finite() and num == num.to_integral_value():
+                    raise ConfigError(f"{key} is too large, got {text.strip()}") from None
                 raise ConfigError(f"{key} must be an integer, got {text!r}") from None
             val = int(num)
         return _coerce(int, val, key)
@@ -168,6 +172,8 @@ def _coerce(kind: Any, value: Any, key: str):
         if not math.isfinite(float(value)):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)  # 2e9 from Python or JSON: an integer written as a float, exactly
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_INT:
             try:

@@ -123,10 +123,9 @@ def seed_sweep(
 ) -> SweepResult:
     """Run ``preset`` once per seed (see the module docstring); returns the aggregate."""
     import datetime as _dt
-    import os
 
-    from implreg.api import _check_backend, _check_device, _Given, resolve
-    from implreg.training import Interrupt
+    from implreg.api import _check_backend, _check_device, _check_out, _reason, resolve
+    from implreg.runs import RunLock
 
     seeds = sorted({int(s) for s in seeds})
     if not seeds or seeds[0] < 0:
@@ -142,13 +141,26 @@ def seed_sweep(
         overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "workers"]
         overrides.append("workers=1")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out is not None and str(out) == "":
+    if out is not None and str(out).strip() == "":
         raise ConfigError("out must name a folder, got ''")
     path = Path(out) if out is not None else Path("runs") / f"sweep-{name}-{stamp}"
+    _check_out(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the sweep folder {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot create the sweep folder {path}: {_reason(exc)}") from None
+    with RunLock(path):
+        return _sweep(
+            path, name, exp, cfg, seeds, overrides, device, backend, workers, progress, interrupt
+        )
+
+
+def _sweep(path, name, exp, cfg, seeds, overrides, device, backend, workers, progress, interrupt):
+    import os
+
+    from implreg.api import _Given
+    from implreg.training import Interrupt
+
     resolved_dir = getattr(cfg, "data_dir", None)
     units = [SeedUnit(f"seed-{s}", name, tuple(overrides), s, resolved_dir, device) for s in seeds]
     write_json(path / "sweep.json", {"preset": name, "seeds": seeds, "overrides": overrides})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -117,12 +118,15 @@ class Recorder:
         vals = self.values.get(key)
         return vals[-1] if vals else None
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, copy: bool = True) -> dict:
+        """The recorder's state; ``copy=False`` shares the arrays (to write them out at once)."""
         return {
             "every": self.every,
             "iterations": list(self.iterations),
             "forced": list(self.forced),
-            "values": {k: [v.copy() for v in vals] for k, vals in self.values.items()},
+            "values": {
+                k: [v.copy() if copy else v for v in vals] for k, vals in self.values.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,6 +134,42 @@ class Recorder:
         self.iterations = list(state["iterations"])
         self.forced = list(state["forced"])
         self.values = {k: list(v) for k, v in state["values"].items()}
+
+
+class Checkpointer:
+    """When to write a periodic checkpoint: every ``every`` iterations and/or ``seconds`` seconds.
+
+    ``save(state_dict)`` is called by :func:`train` at the top of an iteration,
+    where the state is exactly what an interrupt would checkpoint, so a run
+    resumed from any periodic checkpoint is bit-identical to one never stopped.
+    """
+
+    def __init__(
+        self,
+        save: Callable[[dict], None],
+        *,
+        every: int = 0,
+        seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if every < 0 or not seconds >= 0:
+            raise ValueError(f"checkpoint intervals must be >= 0, got {every} and {seconds}")
+        self.save = save
+        self.every = int(every)
+        self.seconds = float(seconds)
+        self.clock = clock
+        self.last = clock()
+        self.written = 0
+
+    def due(self, iteration: int) -> bool:
+        if self.every and iteration % self.every == 0:
+            return True
+        return bool(self.seconds) and self.clock() - self.last >= self.seconds
+
+    def write(self, state: dict) -> None:
+        self.save(state)
+        self.written += 1
+        self.last = self.clock()
 
 
 @dataclass
@@ -173,6 +213,7 @@ def train(
     progress=None,
     describe: Callable[[dict[str, np.ndarray]], dict] | None = None,
     on_message: Callable[[int, str], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[TrainState, bool]:
     """Run until every run has stopped or ``interrupt`` is raised.
 
@@ -183,6 +224,7 @@ def train(
     stopped (``keep`` lists the positions, within the running sub-batch, of the
     runs that go on).  Returns the final state
     and whether the loop was interrupted (then the state is ready to checkpoint).
+    ``checkpoint`` writes the same state periodically while the loop runs.
     """
     params = list(params)
     batch = params[0].shape[0]
@@ -207,10 +249,23 @@ def train(
             for p, w in zip(params, work):
                 p[run_idx] = w
 
+    first = t
     while run_idx:
         if interrupt is not None and interrupt.is_set():
             interrupted = True
             break
+        if checkpoint is not None and t != first and checkpoint.due(t):
+            write_back()
+            checkpoint.write(
+                {
+                    "iteration": t,
+                    "params": params,
+                    "optimizer": optimizer.state_dict(),
+                    "stop": state.stop,
+                    "recorder": recorder.state_dict(copy=False),
+                    "messages": state.messages,
+                }
+            )
         loss, grads = loss_and_grad(work)
         loss_list = [float("nan")] * batch
         for j, value in enumerate(loss.tolist()):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from implreg.backends import InterruptFlag
+from implreg.resources import Estimate
 from implreg.runs import SUMMARY, atomic_path, write_json
 
 
@@ -65,6 +67,9 @@ class RunContext:
     log: Callable[[str], None] = print
     backend: str = "local"
     device: str = "cpu"
+    checkpoint_every: int = 0  # iterations between periodic checkpoints (0: by time only)
+    checkpoint_seconds: float = 60.0  # seconds between periodic checkpoints (0: by count only)
+    threads: int | None = None  # torch threads (None: the thread policy of implreg.threads)
 
     def stopped(self) -> bool:
         return self.interrupt is not None and self.interrupt.is_set()
@@ -98,6 +103,14 @@ class Experiment(abc.ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # where it can run
     table: ClassVar[str] = "metrics.csv"  # the run's metrics, one row per record
 
+    def memory_estimate(self, cfg: Any) -> Estimate:
+        """Estimated peak memory of a run of ``cfg`` (bytes) and the key that drives it.
+
+        Checked against the free memory before ``prepare`` allocates anything
+        (:func:`implreg.resources.check_memory`).  The default is for runs whose
+        size does not depend on the config."""
+        return Estimate(0.0, "")
+
     def prepare(self, cfg: Any, device: str = "cpu") -> Any:
         """Check what the config refers to (data, sizes) and build the problem; write nothing."""
         return cfg
@@ -121,6 +134,38 @@ class Experiment(abc.ABC):
     def has_finished_work(self, run_dir: Path) -> bool:
         """Whether a failed run's folder holds work worth keeping (then it is not removed)."""
         return any((Path(run_dir) / "units").glob("*.json"))
+
+
+FAILED = ("diverged", "non_finite")  # statuses of runs whose loss stopped being finite
+GREW = 10.0  # a final loss this many times the initial one is flagged
+
+
+def assess(entries: Sequence[Mapping[str, Any]], label: Callable[[Mapping], str]) -> list[str]:
+    """What went wrong in a run's entries (units or batched runs), one sentence each.
+
+    An entry failed when its ``status`` says its loss became non-finite, when
+    its final loss is not finite, or when the final loss is more than ``GREW``
+    times the initial one (a step too large that did not yet overflow).  Any
+    problem makes the run exit 1; the sentences go to the summary and the screen.
+    """
+    out = []
+    for e in entries:
+        final = e.get("final_train_loss", e.get("final_loss"))
+        initial = e.get("initial_train_loss", e.get("initial_loss"))
+        if e.get("status") in FAILED or (isinstance(final, float) and not math.isfinite(final)):
+            where = f" at iteration {e['stopped_at']}" if e.get("stopped_at") is not None else ""
+            out.append(f"{label(e)} diverged{where}: its loss is not finite (lower lr)")
+        elif (
+            isinstance(final, float)
+            and isinstance(initial, float)
+            and initial > 0
+            and final > GREW * initial
+        ):
+            out.append(
+                f"{label(e)} ended with loss {final:.3g}, {final / initial:.3g} times its "
+                f"initial {initial:.3g} (lower lr)"
+            )
+    return out
 
 
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -209,7 +254,9 @@ class GridExperiment(Experiment):
         ordered = [results[u.name] for u in grid]
         summary = self.summarize(cfg, ordered)
         summary["wall_seconds_this_session"] = time.perf_counter() - start
+        names = {id(r): u.name for u, r in zip(grid, ordered)}
+        summary["problems"] = assess(ordered, lambda r: names.get(id(r), "a unit"))
         write_json(ctx.run_dir / SUMMARY, summary)
         write_table(ctx.run_dir / self.table, self.rows(ordered, summary))
         self.plot(ctx.run_dir)
-        return Outcome(summary, 0)
+        return Outcome(summary, 1 if summary["problems"] else 0)

@@ -31,21 +31,22 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from implreg.config import ConfigError
-from implreg.experiments.base import Experiment, Outcome, RunContext
+from implreg.experiments.base import Experiment, Outcome, RunContext, assess
 from implreg.metrics import learned_components, top_components
 from implreg.optim import StopRule
 from implreg.runs import (
     CHECKPOINT,
     SUMMARY,
+    DamagedRunError,
     atomic_path,
     load_checkpoint,
     pyplot,
+    reading,
     save_checkpoint,
     save_figure,
     write_json,
 )
-from implreg.training import Recorder, TrainState, train
+from implreg.training import Checkpointer, Recorder, TrainState, train
 
 
 @dataclass
@@ -63,8 +64,20 @@ class Dynamics:
     describe: Callable[[dict[str, np.ndarray]], dict] | None = None
 
 
-def learned_summary(its: np.ndarray, traj: np.ndarray, *, fraction: float, top_k: int) -> dict:
-    """Which components of one run left zero and when; ``traj`` is ``(T, K)`` by identity."""
+def learned_summary(
+    its: np.ndarray, traj: np.ndarray, *, fraction: float, top_k: int, status: str = ""
+) -> dict:
+    """Which components of one run left zero and when; ``traj`` is ``(T, K)`` by identity.
+
+    A run that diverged (``status``) has no learned components to count: its
+    entries are None, so no reader mistakes a blow-up for low rank."""
+    if status in ("diverged", "non_finite"):
+        return {
+            "n_learned": None,
+            "learned": [],
+            "next_largest_over_smallest_learned": None,
+            "top_final_norms": [],
+        }
     learned = learned_components(its, traj, fraction=fraction)
     final_sorted = np.sort(np.nan_to_num(traj[-1], nan=0.0))[::-1]
     n = len(learned)
@@ -179,9 +192,11 @@ class DynamicsExperiment(Experiment):
 
     def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
         dyn = self.build(cfg, prepared)
-        if ctx.resume and not (ctx.run_dir / CHECKPOINT).is_file():
-            raise ConfigError(f"{ctx.run_dir} has no checkpoint to resume from")
-        state = TrainState.from_dict(load_checkpoint(ctx.run_dir)) if ctx.resume else None
+        state = None
+        if ctx.resume and (ctx.run_dir / CHECKPOINT).is_file():
+            state = self.read_checkpoint(ctx.run_dir, dyn)
+        elif ctx.resume:  # stopped (kill -9) before its first checkpoint: nothing was saved
+            ctx.log("no checkpoint in the run folder yet: the run starts from iteration 0")
         start_it = state.iteration if state else 0
         bar = ctx.bar(dyn.stop.max_iterations, start_it, desc="iteration")
         labels = [self.label.format(v) for v in dyn.values]
@@ -199,6 +214,11 @@ class DynamicsExperiment(Experiment):
                 progress=bar,
                 describe=dyn.describe,
                 on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
+                checkpoint=Checkpointer(
+                    lambda st: save_checkpoint(ctx.run_dir, st),
+                    every=ctx.checkpoint_every,
+                    seconds=ctx.checkpoint_seconds,
+                ),
             )
         finally:
             if bar is not None:
@@ -214,11 +234,30 @@ class DynamicsExperiment(Experiment):
         summary["iterations_per_second"] = (
             (state.iteration - start_it) / elapsed if elapsed > 0 else None
         )
+        summary["problems"] = assess(summary["runs"], lambda r: self.label.format(r[dyn.key]))
         write_json(ctx.run_dir / SUMMARY, summary)
+        (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)  # the summary holds the result now
         self.plot(ctx.run_dir)
-        (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)
-        diverged = any(r["status"] == "diverged" for r in summary["runs"])
-        return Outcome(summary, 1 if diverged else 0)
+        return Outcome(summary, 1 if summary["problems"] else 0)
+
+    def read_checkpoint(self, run_dir: Path, dyn: Dynamics) -> TrainState:
+        """The checkpoint of ``run_dir``, checked against the runs its config.json builds."""
+        keys = ("iteration", "params", "optimizer", "stop", "recorder", "messages")
+        state = TrainState.from_dict(load_checkpoint(run_dir, keys))
+        path = Path(run_dir) / CHECKPOINT
+        shapes = [tuple(p.shape) for p in dyn.params]
+        saved = [tuple(p.shape) if isinstance(p, torch.Tensor) else None for p in state.params]
+        if saved != shapes:
+            raise DamagedRunError(
+                f"{path} does not match config.json (parameters {saved} where the config "
+                f"builds {shapes}); was config.json edited?"
+            )
+        status = state.stop.get("status") if isinstance(state.stop, dict) else None
+        if not isinstance(status, list) or len(status) != len(dyn.values):
+            raise DamagedRunError(f"{path} does not match config.json (number of runs differs)")
+        if not isinstance(state.iteration, int) or state.iteration < 0:
+            raise DamagedRunError(f"{path} is damaged (iteration {state.iteration!r})")
+        return state
 
     def write_metrics(
         self, run_dir: Path, key: str, values: Sequence, recorder: Recorder, top_k: int
@@ -247,8 +286,12 @@ class DynamicsExperiment(Experiment):
 
     def load_trajectories(self, run_dir: Path) -> dict[str, np.ndarray]:
         """The arrays of ``<trajectory>.npz``: iterations, norms (T, B, K), run values, top_k."""
-        with np.load(Path(run_dir) / f"{self.trajectory}.npz") as data:
-            return {k: data[k] for k in data.files}
+        path = Path(run_dir) / f"{self.trajectory}.npz"
+        with reading(path, "trajectories"), np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+            if "iterations" not in arrays or "norms" not in arrays or arrays["norms"].ndim != 3:
+                raise ValueError("not a trajectory file")
+            return arrays
 
     def plot(self, run_dir: Path) -> list[Path]:
         """The top-k trajectories of every run and the first scalar, from the folder alone."""
@@ -256,17 +299,18 @@ class DynamicsExperiment(Experiment):
         data = self.load_trajectories(run_dir)
         its, norms = data["iterations"], data["norms"]
         values = next(v for k, v in data.items() if k not in ("iterations", "norms", "top_k"))
-        with open(run_dir / self.table, newline="") as fh:
-            rows = list(csv.DictReader(fh))
         series, lines, singles = [], [], []
-        for b, v in enumerate(values):
-            its_b, norms_b = trajectories(its, norms, b)
-            label = self.label.format(v)
-            series.append((label, its_b, norms_b))
-            singles.append(f"{self.trajectory}_{self.file_tag}{v:g}.png")
-            mine = [r for r in rows if int(r["run"]) == b]
-            xs = np.array([int(r["iteration"]) for r in mine])
-            lines.append((label, xs, np.array([float(r[self.scalars[0]]) for r in mine])))
+        with reading(run_dir / self.table, "metrics table"), open(run_dir / self.table) as fh:
+            rows = list(csv.DictReader(fh))
+            for b, v in enumerate(values):
+                mine = [r for r in rows if int(r["run"]) == b]
+                xs = np.array([int(r["iteration"]) for r in mine])
+                lines.append((self.label.format(v), xs, [float(r[self.scalars[0]]) for r in mine]))
+        with reading(run_dir / f"{self.trajectory}.npz", "trajectories"):
+            for b, v in enumerate(values):
+                its_b, norms_b = trajectories(its, norms, b)
+                series.append((self.label.format(v), its_b, norms_b))
+                singles.append(f"{self.trajectory}_{self.file_tag}{v:g}.png")
         return topk_figure(
             run_dir,
             series,
