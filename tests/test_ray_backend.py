@@ -152,7 +152,7 @@ def test_ray_matches_local_and_leaves_callers_ray_running():
     # before Ray starts: the local pool forks this process, better without Ray's threads
     assert not map_items(torch_unit, items, backend="local", workers=2, on_result=local.__setitem__)
     assert sorted(local) == items and len({tuple(v) for v in local.values()}) == len(items)
-    _init_ray(ray, threads=1)  # the caller's Ray: used, then left initialized
+    reaper = _init_ray(ray, threads=1)  # the caller's Ray: used, then left initialized
     try:
         remote: dict[int, list[float]] = {}
         assert not map_items(
@@ -165,6 +165,8 @@ def test_ray_matches_local_and_leaves_callers_ray_running():
         assert ray.is_initialized()
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.stop()
 
 
 @needs_ray
@@ -214,3 +216,73 @@ def test_missing_ray_is_a_one_sentence_value_error(monkeypatch):
         map_items(torch_unit, [1], backend="ray", workers=1, on_result=lambda i, v: None)
     assert isinstance(info.value, ImportError) and isinstance(info.value, RayMissingError)
     assert str(info.value) == RAY_MISSING
+
+
+DRIVER = """
+import sys, time
+import ray
+from implreg.ray_backend import map_ray
+
+def slow(x):
+    time.sleep(300)
+
+map_ray(slow, [1, 2], workers=2, threads=1, on_result=lambda i, v: None)
+"""
+
+
+def _tree(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                kids = [int(k) for k in fh.read().split()]
+        except OSError:
+            continue
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+@needs_ray
+def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path):
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    tree: set[int] = set()
+    while time.monotonic() < deadline:  # until both tasks run
+        tree |= _tree(proc.pid)
+        names = [
+            Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if Path(f"/proc/{p}").exists()
+        ]
+        if sum(b"call_with_threads" in n for n in names) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the Ray tasks did not start within 120 s")
+    time.sleep(1.0)
+    tree |= _tree(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = [
+            p
+            for p in tree
+            if Path(f"/proc/{p}").exists()
+            and Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"
+        ]
+        if not alive:
+            break
+        time.sleep(0.5)
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive}
+    assert not alive, f"Ray processes left behind: {left}"

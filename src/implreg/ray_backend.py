@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from implreg.backends import InterruptFlag, call_with_threads
+from implreg.reaper import Reaper, start_reaper
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'implreg[ray]'"
 
@@ -50,8 +51,12 @@ def _import_ray() -> Any:
     return ray
 
 
-def _init_ray(ray: Any, threads: int) -> None:
-    """Connect to ``RAY_ADDRESS`` or start a quiet local Ray fitting ``threads``-CPU tasks."""
+def _init_ray(ray: Any, threads: int) -> Reaper | None:
+    """Connect to ``RAY_ADDRESS`` or start a quiet local Ray fitting ``threads``-CPU tasks.
+
+    A local Ray is watched by a :mod:`implreg.reaper` (returned), which kills its
+    processes if this driver dies without shutting it down (kill -9).  On a
+    cluster, Ray itself ends a job whose driver disconnects."""
     quiet: dict[str, Any] = {
         "log_to_driver": False,
         "configure_logging": True,
@@ -60,11 +65,18 @@ def _init_ray(ray: Any, threads: int) -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         ray.init(address=address, **quiet)
-        return
+        return None
     # A task needing more CPUs than the node has would wait forever: offer at
     # least ``threads`` (the local pool oversubscribes the same way).
     num_cpus = max(os.cpu_count() or 1, threads)
-    ray.init(address=None, num_cpus=num_cpus, include_dashboard=False, **quiet)
+    reaper = start_reaper()
+    try:
+        ray.init(address=None, num_cpus=num_cpus, include_dashboard=False, **quiet)
+    except BaseException:
+        if reaper is not None:
+            reaper.stop()
+        raise
+    return reaper
 
 
 def _shutdown_ray(ray: Any) -> None:
@@ -130,8 +142,7 @@ def map_ray(
         return False
     ray = _import_ray()
     started = not ray.is_initialized()
-    if started:
-        _init_ray(ray, threads)
+    reaper = _init_ray(ray, threads) if started else None
     pending: dict[Any, int] = {}
     try:
         task = ray.remote(num_cpus=threads, max_retries=0)(call_with_threads)
@@ -160,3 +171,5 @@ def map_ray(
         finally:
             if started:
                 _shutdown_ray(ray)
+            if reaper is not None:
+                reaper.stop()

@@ -1,0 +1,112 @@
+"""A watchdog that kills what a driver started when the driver dies (kill -9 included).
+
+The local process pool's workers die with the driver by ``PR_SET_PDEATHSIG``
+(:mod:`implreg.backends`), but a local Ray cluster started by ``ray.init()``
+is a tree of processes (GCS, raylet, agents, workers) of which some outlive a
+driver killed with SIGKILL (seen here with Ray 2.5x: the dashboard and runtime
+environment agents stay forever, re-parented to init).  :func:`start_reaper`
+starts a small separate process (standard library only) that
+
+- records, every ``interval`` seconds, every descendant of the driver with its
+  start time (so a recycled pid is never killed);
+- exits quietly when the driver stops it (:meth:`Reaper.stop`, after a normal
+  ``ray.shutdown()``);
+- when the driver has died without stopping it, kills every recorded process
+  still alive, then exits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+WATCHDOG = r"""
+import os, select, signal, sys
+driver, interval = int(sys.argv[1]), float(sys.argv[2])
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    rest = text[text.rindex(")") + 2:].split()
+    return int(rest[1]), rest[19], rest[0]  # ppid, start time, state
+
+def alive(pid, start):
+    s = stat(pid)
+    return s is not None and s[1] == start and s[2] not in "ZX"  # a zombie has died
+
+driver_start = stat(driver)[1] if stat(driver) else None
+known = {}
+ready_sent = False
+while driver_start is not None and alive(driver, driver_start):
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            s = stat(int(name))
+            if s is not None:
+                parents.setdefault(s[0], []).append((int(name), s[1]))
+    todo = [driver]
+    while todo:
+        for pid, start in parents.get(todo.pop(), []):
+            if pid != os.getpid() and pid not in known:
+                known[pid] = start
+                todo.append(pid)
+    if not ready_sent:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        ready_sent = True
+    ready, _, _ = select.select([0], [], [], interval)
+    if ready:
+        if os.read(0, 1):
+            sys.exit(0)  # stopped by the driver
+        break  # end of file: the driver died (or closed the pipe): decided below
+if driver_start is not None and alive(driver, driver_start):
+    sys.exit(0)
+for pid, start in known.items():
+    if alive(pid, start):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+class Reaper:
+    """The handle of a running watchdog; :meth:`stop` ends it without killing anything."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"x")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_reaper(interval: float = 0.5) -> Reaper | None:
+    """Watch this process; ``None`` where ``/proc`` is missing (not Linux)."""
+    if not os.path.isdir("/proc"):
+        return None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(interval)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C of the driver's terminal does not reach it
+        close_fds=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # its first look at this process tree is done
+    proc.stdout.close()
+    return Reaper(proc)
