@@ -64,10 +64,22 @@ def test_quadratics_reach_the_exact_minimizer():
     x0 = torch.randn(len(conds), 6, generator=_gen(1), dtype=F64)
     res = minimize(fun, x0, max_iter=200)
     exact = torch.linalg.solve(a, b)
-    err = (res.x - exact).norm(dim=1) / exact.norm(dim=1)
-    assert (err < 1e-8).all(), err
+    # What L-BFGS reaches in float64 is a small residual r = A x - b: it stops
+    # improving once r is at the level of the rounding of A x (a few hundred eps
+    # of ||A|| ||x||, depending on the CPU's BLAS kernels).  The error then
+    # follows from the residual and the condition number, ||x - x*|| <= ||r|| / l_min,
+    # which is what may be asserted (a fixed 1e-8 failed at cond 1e4 on another CPU).
+    resid = (a @ res.x.unsqueeze(2)).squeeze(2) - b
+    scale = torch.linalg.matrix_norm(a, ord=2) * res.x.norm(dim=1) + b.norm(dim=1)
+    assert (resid.norm(dim=1) <= 1e-10 * scale).all(), resid.norm(dim=1) / scale
+    lam_min = torch.linalg.eigvalsh(a)[:, 0]
+    err = (res.x - exact).norm(dim=1)
+    assert (err <= resid.norm(dim=1) / lam_min * (1 + 1e-6) + 1e-300).all()
+    assert (err / exact.norm(dim=1) <= 1e-10 * torch.tensor(conds, dtype=F64) * 10).all(), err
     f_min = -0.5 * (b * exact).sum(1)
-    assert torch.allclose(res.loss, f_min, rtol=1e-12, atol=1e-12)
+    gap = 0.5 * resid.norm(dim=1) ** 2 / lam_min  # f(x) - f* <= ||r||^2 / (2 l_min)
+    tol = gap + 64 * torch.finfo(F64).eps * (f_min.abs() + 1)  # plus the loss's own rounding
+    assert ((res.loss - f_min).abs() <= tol).all(), (res.loss - f_min, tol)
     assert res.x.shape == x0.shape and res.loss.shape == (len(conds),)
     assert res.evaluations >= res.iterations
 

@@ -7,6 +7,13 @@ seeds and aggregates.  The registry of presets is
 :data:`implreg.experiments.PRESETS`.
 """
 
+from implreg.threads import prefer_passive_wait as _prefer_passive_wait
+
+# Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set):
+# measured in bench/bench_threads.py, it keeps multi-threaded steps from stalling
+# beside a busy process and changes no numbers.  Effective only before torch loads.
+_prefer_passive_wait()
+
 __version__ = "0.1.0"
 
 

@@ -57,14 +57,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="local", help=f"{' | '.join(BACKENDS)} (default local)")
         p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument(
-            "--max-memory",
-            metavar="SIZE",
-            help="refuse runs estimated to need more (e.g. 4G; default: the free memory)",
-        )
-        p.add_argument(
-            "--threads", type=int, metavar="N", help="torch threads (default: the thread policy)"
-        )
+    run.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="refuse runs estimated to need more (e.g. 4G; default: the free memory)",
+    )
+    run.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads (default: the thread policy)"
+    )
     run.add_argument(
         "--checkpoint-every",
         type=int,

@@ -22,6 +22,7 @@ lives as long as the worker process (in this process: as long as one grid).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 from implreg.backends import InterruptFlag, map_items
 from implreg.config import ConfigError, to_mapping
 from implreg.runs import atomic_path, write_json
+from implreg.threads import use_threads
 
 UNITS = "units"
 FILES = "_files"  # a result key: {relative path: bytes} the driver writes under <run>/<unit name>/
@@ -110,8 +112,12 @@ def run_grid(
     backend: str = "local",
     interrupt: InterruptFlag | None = None,
     on_done: Callable[[Any, Any], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Run the unfinished ``units``; returns all finished results and whether interrupted."""
+    """Run the unfinished ``units``; returns all finished results and whether interrupted.
+
+    ``threads``: torch threads of every unit (default: the cores shared between
+    the workers; in this process, torch's own count)."""
     names = [u.name for u in units]
     if len(set(names)) != len(names):
         raise ValueError("unit names repeat within the grid")
@@ -138,14 +144,16 @@ def run_grid(
         return results, False
     if backend == "local" and workers <= 1:
         should_stop = interrupt.is_set if interrupt is not None else None
+        scope = use_threads(threads) if threads is not None else contextlib.nullcontext()
         try:
-            for u in todo:
-                if should_stop is not None and should_stop():
-                    return results, True
-                res = u.execute(should_stop)
-                if res is None:
-                    return results, True
-                finish(u, res)
+            with scope:
+                for u in todo:
+                    if should_stop is not None and should_stop():
+                        return results, True
+                    res = u.execute(should_stop)
+                    if res is None:
+                        return results, True
+                    finish(u, res)
         finally:
             clear_worker_cache()
         return results, False
@@ -154,6 +162,7 @@ def run_grid(
         todo,
         backend=backend,
         workers=max(1, workers),
+        threads=threads,
         on_result=lambda i, res: finish(todo[i], res),
         interrupt=interrupt,
     )

@@ -212,6 +212,16 @@ class GridExperiment(Experiment):
     def workers(self, cfg: Any) -> int:
         return int(getattr(cfg, "workers", 1))
 
+    def threads(self, grid: Sequence[Any], ctx: RunContext) -> int | None:
+        """Torch threads per unit: ``--threads``, else the thread policy where the units'
+        work is known (:mod:`implreg.threads`), else None (the backend's default)."""
+        from implreg.threads import choose_threads, config_step_flops
+
+        if ctx.threads is not None:
+            return ctx.threads
+        work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
+        return choose_threads(max(work)) if work else None
+
     def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
         """(config, units, finished results by unit name) of a run folder, for plots."""
         from implreg.runs import CONFIG, read_json
@@ -237,6 +247,7 @@ class GridExperiment(Experiment):
                 bar.set_postfix_str(self.describe(unit, result))
 
         start = time.perf_counter()
+        threads = self.threads(grid, ctx)
         try:
             results, interrupted = run_grid(
                 grid,
@@ -245,6 +256,7 @@ class GridExperiment(Experiment):
                 backend=ctx.backend,
                 interrupt=ctx.interrupt,
                 on_done=on_done,
+                threads=threads,
             )
         finally:
             if bar is not None:
@@ -254,6 +266,7 @@ class GridExperiment(Experiment):
         ordered = [results[u.name] for u in grid]
         summary = self.summarize(cfg, ordered)
         summary["wall_seconds_this_session"] = time.perf_counter() - start
+        summary["threads_per_unit"] = threads
         names = {id(r): u.name for u, r in zip(grid, ordered)}
         summary["problems"] = assess(ordered, lambda r: names.get(id(r), "a unit"))
         write_json(ctx.run_dir / SUMMARY, summary)

@@ -46,6 +46,7 @@ from implreg.runs import (
     save_figure,
     write_json,
 )
+from implreg.threads import threads_for_config, use_threads
 from implreg.training import Checkpointer, Recorder, TrainState, train
 
 
@@ -200,26 +201,28 @@ class DynamicsExperiment(Experiment):
         start_it = state.iteration if state else 0
         bar = ctx.bar(dyn.stop.max_iterations, start_it, desc="iteration")
         labels = [self.label.format(v) for v in dyn.values]
+        threads = threads_for_config(cfg, requested=ctx.threads)
         start = time.perf_counter()
         try:
-            state, interrupted = train(
-                params=dyn.params,
-                loss_and_grad=dyn.loss_and_grad,
-                optimizer=dyn.optimizer,
-                stop=dyn.stop,
-                recorder=dyn.recorder,
-                evaluate=dyn.evaluate,
-                state=state,
-                interrupt=ctx.interrupt,
-                progress=bar,
-                describe=dyn.describe,
-                on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
-                checkpoint=Checkpointer(
-                    lambda st: save_checkpoint(ctx.run_dir, st),
-                    every=ctx.checkpoint_every,
-                    seconds=ctx.checkpoint_seconds,
-                ),
-            )
+            with use_threads(threads):
+                state, interrupted = train(
+                    params=dyn.params,
+                    loss_and_grad=dyn.loss_and_grad,
+                    optimizer=dyn.optimizer,
+                    stop=dyn.stop,
+                    recorder=dyn.recorder,
+                    evaluate=dyn.evaluate,
+                    state=state,
+                    interrupt=ctx.interrupt,
+                    progress=bar,
+                    describe=dyn.describe,
+                    on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
+                    checkpoint=Checkpointer(
+                        lambda st: save_checkpoint(ctx.run_dir, st),
+                        every=ctx.checkpoint_every,
+                        seconds=ctx.checkpoint_seconds,
+                    ),
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -231,6 +234,7 @@ class DynamicsExperiment(Experiment):
         its, arrays = dyn.recorder.arrays()
         summary = self.summarize(cfg, its, arrays, state)
         summary["wall_seconds_this_session"] = elapsed
+        summary["threads"] = threads
         summary["iterations_per_second"] = (
             (state.iteration - start_it) / elapsed if elapsed > 0 else None
         )
