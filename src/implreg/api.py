@@ -36,6 +36,7 @@ from implreg.experiments.base import Outcome, RunContext
 from implreg.runs import (
     CONFIG,
     SUMMARY,
+    DamagedRunError,
     RunLock,
     create_run_dir,
     read_json,
@@ -102,7 +103,19 @@ class Run:
         return cols
 
     def plot(self) -> list[Path]:
-        return self.experiment.plot(self.path)
+        """Redraw the figures from the folder; a damaged file is a one-sentence error."""
+        try:
+            return self.experiment.plot(self.path)
+        except ConfigError:
+            raise
+        except OSError as exc:
+            where = exc.filename or self.path
+            raise RunError(f"cannot write {where}: {_reason(exc)}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise DamagedRunError(
+                f"the figures of {self.path} cannot be drawn: a file of the run is damaged "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
     def summary_text(self) -> str:
         s = self.summary
@@ -136,9 +149,10 @@ def resolve(
         if not path.is_file():
             raise ConfigError(f"no config file at {path}")
         saved = _read_config(path)
-        exp = get_experiment(saved["experiment"])
+        exp = _experiment_named(saved["experiment"], path)
         try:
             cfg = from_mapping(exp.Config, saved["config"])
+            check(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{path} holds an invalid config: {exc}") from None
         preset = str(saved.get("preset", exp.name))
@@ -185,6 +199,13 @@ def _read_config(path: Path) -> dict:
     return saved
 
 
+def _experiment_named(name: str, path: Path) -> Experiment:
+    try:
+        return get_experiment(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} names {exc}") from None
+
+
 def _check_device(device: str) -> str:
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -219,11 +240,16 @@ def _prepare(exp: Experiment, cfg: Any, device: str) -> Any:
 
 def load(run_dir: str | Path) -> Run:
     """The run in ``run_dir`` (finished or not), from its ``config.json``."""
+    if not isinstance(run_dir, (str, Path)) or str(run_dir).strip() == "":
+        raise ConfigError(f"run_dir must name a run folder, got {run_dir!r}")
     path = Path(run_dir)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise ConfigError(f"{path} {what}; give a run folder")
     if not (path / CONFIG).is_file():
         raise ConfigError(f"{path} is not a run folder (no {CONFIG})")
     saved = _read_config(path / CONFIG)
-    exp = get_experiment(saved["experiment"])
+    exp = _experiment_named(saved["experiment"], path / CONFIG)
     try:
         cfg = from_mapping(exp.Config, saved["config"])
         check(cfg)
@@ -295,9 +321,11 @@ def run_preset(
             run.experiment.memory_estimate(run.config),
             device=run.device,
             max_memory=limit,
-            name=run.preset,
+            name=f"{run.preset} in {run.path}",
         )
         lock = RunLock(run.path).acquire()
+        for stale in run.path.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         try:
             prepared = _prepare(run.experiment, run.config, run.device)
         except BaseException:
@@ -317,7 +345,15 @@ def run_preset(
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(out) if out is not None else Path("runs") / f"{preset}-{stamp}"
         _check_out(path)
-        check_memory(exp.memory_estimate(cfg), device=device, max_memory=limit, name=preset)
+        from_file = isinstance(name_or_config, (str, Path)) and str(name_or_config).endswith(
+            ".json"
+        )
+        check_memory(
+            exp.memory_estimate(cfg),
+            device=device,
+            max_memory=limit,
+            name=f"{preset} of {name_or_config}" if from_file else preset,
+        )
         prepared = _prepare(exp, cfg, device)  # checks data; raises before any folder exists
         fresh = not path.exists()
         try:
@@ -325,6 +361,8 @@ def run_preset(
         except FileExistsError as exc:
             raise ConfigError(str(exc)) from None
         except OSError as exc:
+            if fresh and path.is_dir():
+                _remove_new_folder(path, None, fresh)
             raise ConfigError(f"cannot create the run folder {path}: {_reason(exc)}") from None
         info = {
             "preset": preset,

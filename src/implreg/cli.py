@@ -118,6 +118,7 @@ def _cmd_run(args) -> int:
 
     if args.resume is not None:
         given = args.preset or args.overrides or args.config or args.seed is not None
+        given = given or args.out is not None
         if given or args.data_dir is not None:
             raise ConfigError(
                 "--resume takes only the run folder; its config.json is used as saved"

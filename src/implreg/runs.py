@@ -191,8 +191,12 @@ class RunLock:
                 f"the run folder {self.path.parent} is in use by process {holder}; "
                 "wait for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:  # a full disk: the lock is held but cannot name its holder
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 

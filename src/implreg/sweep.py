@@ -79,18 +79,23 @@ def _spec(unit: Any) -> dict:
 def load_results(run_dir: Path, units: Sequence[Any]) -> dict[str, Any]:
     """Results of the finished units among ``units``, checked against the units' fields."""
     out = {}
+    folder = Path(run_dir) / UNITS
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder; the run's unit files cannot be read")
     for u in units:
         p = unit_path(run_dir, u.name)
         if not p.exists():
             continue
         try:
             data = json.loads(p.read_text())
-        except ValueError:
+        except (ValueError, OSError):
             raise ConfigError(
                 f"{p} is not a readable unit file; delete it to redo the unit"
             ) from None
         if not isinstance(data, dict) or "unit" not in data or "result" not in data:
             raise ConfigError(f"{p} holds no unit settings (written by an earlier implreg?)")
+        if not isinstance(data["result"], dict):
+            raise ConfigError(f"{p} holds no result; delete it to redo the unit")
         if data["unit"] != _spec(u):
             raise ConfigError(
                 f"{p} was computed with other settings than this configuration asks for"

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from implreg.backends import InterruptFlag
 from implreg.resources import Estimate
-from implreg.runs import SUMMARY, atomic_path, write_json
+from implreg.runs import SUMMARY, DamagedRunError, atomic_path, write_json
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,18 @@ class GridExperiment(Experiment):
     def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
         """(config, units, finished results by unit name) of a run folder, for plots."""
         from implreg.runs import CONFIG, read_json
-        from implreg.sweep import load_results
+        from implreg.sweep import load_results, unit_path
 
         cfg = self.config_of(run_dir)
         grid = self.units(cfg, read_json(Path(run_dir) / CONFIG).get("device", "cpu"))
-        return cfg, grid, load_results(run_dir, grid)
+        results = load_results(run_dir, grid)
+        missing = [u.name for u in grid if u.name not in results]
+        if missing:
+            raise DamagedRunError(
+                f"{unit_path(run_dir, missing[0])} is missing: the figure needs every unit "
+                "(resume the run to redo it)"
+            )
+        return cfg, grid, results
 
     def strip(self, result: dict) -> dict:
         return {k: v for k, v in result.items() if k != self.bulky}

@@ -194,7 +194,7 @@ class DynamicsExperiment(Experiment):
     def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
         dyn = self.build(cfg, prepared)
         state = None
-        if ctx.resume and (ctx.run_dir / CHECKPOINT).is_file():
+        if ctx.resume and (ctx.run_dir / CHECKPOINT).exists():  # a folder there is refused
             state = self.read_checkpoint(ctx.run_dir, dyn)
         elif ctx.resume:  # stopped (kill -9) before its first checkpoint: nothing was saved
             ctx.log("no checkpoint in the run folder yet: the run starts from iteration 0")
@@ -291,7 +291,7 @@ class DynamicsExperiment(Experiment):
     def load_trajectories(self, run_dir: Path) -> dict[str, np.ndarray]:
         """The arrays of ``<trajectory>.npz``: iterations, norms (T, B, K), run values, top_k."""
         path = Path(run_dir) / f"{self.trajectory}.npz"
-        with reading(path, "trajectories"), np.load(path) as data:
+        with reading(path, "trajectories"), open(path, "rb") as fh, np.load(fh) as data:
             arrays = {k: data[k] for k in data.files}
             if "iterations" not in arrays or "norms" not in arrays or arrays["norms"].ndim != 3:
                 raise ValueError("not a trajectory file")
@@ -306,6 +306,8 @@ class DynamicsExperiment(Experiment):
         series, lines, singles = [], [], []
         with reading(run_dir / self.table, "metrics table"), open(run_dir / self.table) as fh:
             rows = list(csv.DictReader(fh))
+            if len(rows) != its.size * len(values):  # one row per record and run
+                raise ValueError(f"{len(rows)} rows where {its.size * len(values)} belong")
             for b, v in enumerate(values):
                 mine = [r for r in rows if int(r["run"]) == b]
                 xs = np.array([int(r["iteration"]) for r in mine])
