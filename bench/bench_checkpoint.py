@@ -85,6 +85,7 @@ def main() -> None:
         ck = probe / CHECKPOINT
         if ck.exists():
             state = load_checkpoint(probe)
+        size = ck.stat().st_size / 2**20 if ck.exists() else 0.0
         if state is not None:
             for _ in range(5):
                 start = time.perf_counter()
@@ -99,7 +100,6 @@ def main() -> None:
             f"overhead vs off {100 * (med / ref - 1):+5.1f}%"
         )
     if costs:
-        size = ck.stat().st_size / 2**20
         c = statistics.median(costs)
         print(
             f"one checkpoint of the final state ({size:.1f} MiB): median {1000 * c:.0f} ms "
