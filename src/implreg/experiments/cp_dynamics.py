@@ -39,6 +39,7 @@ from implreg.factorizations.cp_engine import DenseSensing, RankOneSensing, compl
 from implreg.losses import HuberLoss, make_loss
 from implreg.optim import StopRule, make_optimizer
 from implreg.problems.synthetic import completion_problem, low_cp_rank_tensor, sensing_problem
+from implreg.resources import Estimate
 from implreg.training import Recorder
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -180,6 +181,138 @@ def build_problem(cfg: CPDynamicsConfig, device: str = "cpu") -> Prepared:
     return Prepared(engine, loss, factors, evaluate)
 
 
+# freed blocks under 32 MB that malloc keeps for reuse: measured runs peak 1.1-2x above the
+# tensors alive at once
+_ALLOCATOR = 1.25
+
+
+def _count(n: float) -> str:
+    """A number of entries in words: ``1e+12`` -> ``"1e12"``."""
+    return f"{n:.3g}".replace("e+0", "e").replace("e+", "e")
+
+
+def _larger(value: int, key: str, other: int, other_key: str) -> str:
+    """Of two sizes whose product is allocated, the key of the larger."""
+    return key if value >= other else other_key
+
+
+def _combine(parts: list[Estimate]) -> Estimate:
+    """The sum of ``parts``, naming the key whose parts add up to the most (and its largest)."""
+    groups: dict[str, list[Estimate]] = {}
+    for p in sorted(parts, key=lambda p: -p.bytes):
+        groups.setdefault(p.key, []).append(p)
+    sums = sorted((sum(g[1:], g[0]) for g in groups.values()), key=lambda e: -e.bytes)
+    return sum(sums[1:], sums[0])
+
+
+def _memory_estimate(cfg: CPDynamicsConfig) -> Estimate:
+    """Peak bytes of a run of ``cfg`` and the key driving them, from the config alone.
+
+    The largest of four phases, each on top of what persists (observations,
+    ground truth, reconstruction-error data): building the problem (the
+    factors and their float64 draws), a gradient step (factors, gradients and
+    the copy made when a run stops, ``(3 - 2/B) B sum(dims) R`` numbers, plus
+    the engine's work: dense, the Khatri-Rao halves ``3 B (P_1 + P_2) R`` and two
+    ``B x prod(dims)`` tensors; gather and rank-one, chunks of ``B x 4096 x R``),
+    an evaluation (the reconstruction error), and the end (four copies of the
+    recorded norms, ``records x B x R``).
+    """
+    from implreg.factorizations.cp import balanced_split
+    from implreg.factorizations.cp_engine import choose_completion_method, group_modes
+
+    dims = [int(d) for d in cfg.dims]
+    order, size, sum_d, max_d = len(dims), math.prod(dims), sum(dims), max(dims)
+    b, r, m = len(cfg.init_stds), int(cfg.rank), int(cfg.num_observations)
+    s = DTYPES[cfg.dtype].itemsize
+    by_rank = _larger(sum_d, "dims", r, "rank")
+    f = b * sum_d * r  # entries of the factors
+    p1 = math.prod(dims[: balanced_split(dims)])
+    halves = b * (p1 + size // p1) * r  # entries of the two Khatri-Rao halves
+    by_halves = _larger(p1 + size // p1, "dims", r, "rank")
+
+    def est(n_bytes: int, key: str, what: str) -> Estimate:
+        return Estimate(float(n_bytes), key, what)
+
+    keep = [est(8 * sum_d * cfg.gt_rank, "gt_rank", "the ground truth's factors")]
+    build = [
+        est(f * s, by_rank, f"factors of {_count(f)} entries"),
+        est(8 * (b + 1) * max_d * r + s * b * max_d * r, by_rank, "the initial draws"),
+    ]
+    factors = est(
+        int(f * s * (3 - 2 / b if b > 1 else 2)), by_rank, f"factors of {_count(f)} entries"
+    )
+    step = [factors]
+    evaluate = [factors, est(b * max_d * r * s, by_rank, "the factor norms")]
+
+    def dense_step() -> None:
+        step.append(
+            est(3 * halves * s, by_halves, f"Khatri-Rao products of {_count(halves)} entries")
+        )
+        step.append(est(2 * b * size * s, "dims", f"{b} x 2 tensors of {_count(size)} entries"))
+        step.append(est(3 * b * m * s, "num_observations", "the residuals"))
+
+    if cfg.task == "completion":
+        keep.append(est(m * (s + 8), "num_observations", f"{_count(m)} observations"))
+        if size <= 1 << 24:
+            build.append(est(8 * size, "dims", f"a permutation of {_count(size)} entries"))
+            build.append(est(16 * m * order, "num_observations", f"{_count(m)} index tuples"))
+        else:
+            build.append(est(64 * m * (order + 1), "num_observations", f"{_count(m)} index tuples"))
+        method = cfg.method if cfg.method != "auto" else choose_completion_method(dims, m)
+        if method == "dense":
+            dense_step()
+        else:
+            groups = group_modes(dims, 1024)
+            chunk = min(4096, m)
+            keep.append(est(8 * m * len(groups), "num_observations", f"{_count(m)} index tuples"))
+            tables = sum(math.prod(dims[n] for n in g) for g in groups if len(g) > 1)
+            step.append(est(2 * b * tables * r * s, "rank", "the Khatri-Rao tables"))
+            work = b * chunk * r
+            step.append(
+                est((2 * len(groups) + 3) * work * s, "rank", f"chunks of {_count(work)} entries")
+            )
+    elif cfg.measurement == "gaussian":
+        key = _larger(m, "num_observations", size, "dims")
+        what = f"a {_count(m)} x {_count(size)} measurement matrix"
+        keep.append(est(m * size * s, key, what))
+        build.append(est(16 * m * size, key, what))
+        dense_step()
+    else:
+        keep.append(est(m * sum_d * s, "num_observations", f"{_count(m)} measurements"))
+        build.append(est(8 * m * (sum_d + max_d), "num_observations", f"{_count(m)} measurements"))
+        work = b * min(4096, m) * r
+        step.append(est((2 * order + 3) * work * s, "rank", f"chunks of {_count(work)} entries"))
+        step.append(est(b * max_d * r * s, by_rank, "the factor gradients"))
+
+    if size <= cfg.dense_max:  # the reconstruction error over the whole tensor
+        what = f"{b} tensors of {_count(size)} entries"
+        keep.append(est(8 * size, "dense_max", f"the ground truth's {_count(size)} entries"))
+        build.append(est(8 * size, "dense_max", f"the ground truth's {_count(size)} entries"))
+        evaluate.append(
+            est(halves * s, by_halves, f"Khatri-Rao products of {_count(halves)} entries")
+        )
+        evaluate.append(est(b * size * max(s + 8, 16), "dense_max", what))
+    else:  # over recon_sample entries
+        n = int(cfg.recon_sample)
+        keep.append(est(8 * n * (order + 1), "recon_sample", f"{_count(n)} sampled entries"))
+        build.append(est(16 * n * order, "recon_sample", f"{_count(n)} sampled entries"))
+        evaluate.append(
+            est(b * n * max(2 * s, 16), "recon_sample", f"{_count(b * n)} sampled values")
+        )
+        evaluate.append(est(3 * b * min(n, 65536) * r * s, by_rank, "chunks of sampled values"))
+
+    # the recorder holds every component norm of every record; at the end three more copies
+    records = min(cfg.max_records + 1, cfg.max_iterations // cfg.log_every + 1) + 16 + b
+    rec = records * (b * (4 * r + 24) + 512)
+    what = f"{records} records of {b} x {_count(r)} norms"
+    by_records = _larger(records, "max_records", r, "rank")
+    for phase in (step, evaluate):
+        phase.append(est(rec, by_records, what))
+    final = [factors, est(4 * rec, by_records, what)]
+    peak = max((_combine(keep + p) for p in (build, step, evaluate, final)), key=lambda e: e.bytes)
+    return Estimate(peak.bytes * _ALLOCATOR, peak.key, peak.what)
+
+
 class CPDynamics(DynamicsExperiment):
     """Figure 3 of Razin et al. 2021 and its Appendix B variants (Huber, sensing, order 3)."""
 
@@ -234,6 +367,9 @@ class CPDynamics(DynamicsExperiment):
         ),
     )
 
+    def memory_estimate(self, cfg: CPDynamicsConfig) -> Estimate:
+        return _memory_estimate(cfg)
+
     def prepare(self, cfg: CPDynamicsConfig, device: str = "cpu") -> Prepared:
         return build_problem(cfg, device)
 
@@ -262,12 +398,14 @@ class CPDynamics(DynamicsExperiment):
                 arrays["component_norms"][upto, b, :],
                 fraction=cfg.learned_fraction,
                 top_k=cfg.top_k,
+                status=state.stop["status"][b],
             )
             runs.append(
                 {
                     "init_std": std,
                     "status": state.stop["status"][b],
                     "stopped_at": stopped,
+                    "initial_train_loss": float(arrays["train_loss"][0, b]),
                     "final_train_loss": float(arrays["train_loss"][upto, b][-1]),
                     "final_reconstruction_error": float(
                         arrays["reconstruction_error"][upto, b][-1]
@@ -282,6 +420,12 @@ class CPDynamics(DynamicsExperiment):
     def summary_text(self, summary: dict) -> str:
         lines = []
         for r in summary["runs"]:
+            if r["n_learned"] is None:
+                lines.append(
+                    f"init std {r['init_std']:g}: DIVERGED at iteration {r['stopped_at']} "
+                    "(the loss is not finite); no components are counted"
+                )
+                continue
             when = learned_text(r["learned"])
             ratio = r["next_largest_over_smallest_learned"]
             lines.append(

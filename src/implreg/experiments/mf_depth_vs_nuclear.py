@@ -19,8 +19,9 @@ from typing import Literal
 from implreg.config import param
 from implreg.experiments import mf_fit
 from implreg.experiments.base import GridExperiment, Preset
-from implreg.experiments.mf_fit import FitUnit, NuclearUnit
-from implreg.runs import SUMMARY, pyplot, read_json, save_figure
+from implreg.experiments.mf_fit import FitUnit, NuclearUnit, fit_memory, nuclear_memory
+from implreg.resources import Estimate
+from implreg.runs import SUMMARY, pyplot, read_json, reading, save_figure
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,22 @@ class DepthVsNuclear(GridExperiment):
         ]
         return [*fits.values(), *nucl]
 
+    def memory_estimate(self, cfg: DepthNuclearConfig) -> Estimate:
+        """The ``workers`` largest units at once, each a forked worker (fits by
+        :func:`~implreg.experiments.mf_fit.fit_memory`, baselines by ``nuclear_memory``)."""
+        peaks = sorted(
+            (
+                (fit_memory(u.shape, u.depth, u.m, u.dtype), "fit")
+                if isinstance(u, FitUnit)
+                else (nuclear_memory(u.shape, u.m, u.solver), f"{u.solver} baseline")
+                for u in self.units(cfg)
+            ),
+            reverse=True,
+        )[: cfg.workers]
+        n_rows, n_cols = cfg.shape
+        what = f"{len(peaks)} units at once, the largest a {peaks[0][1]} of {n_rows} x {n_cols}"
+        return Estimate(float(sum(p for p, _ in peaks)), "shape", what)
+
     def summarize(self, cfg: DepthNuclearConfig, results: list[dict]) -> dict:
         m0 = cfg.observations[0]
         truth = mf_fit.truth_summary(cfg.shape, cfg.gt_rank, cfg.gt_norm, m0, cfg.seed)
@@ -162,7 +179,10 @@ class DepthVsNuclear(GridExperiment):
         plt = pyplot()
 
         run_dir = Path(run_dir)
-        s = read_json(run_dir / SUMMARY)
+        with reading(run_dir / SUMMARY, "summary"):
+            s = read_json(run_dir / SUMMARY)
+            for f in [*s["fits"], *s["nuclear"]]:
+                float(f["m"]), float(f["test_mse"]), float(f["nuclear_norm"])
         cfg = (
             read_json(run_dir / "config.json")["config"]
             if (run_dir / "config.json").exists()

@@ -30,6 +30,7 @@ import torch
 from implreg.config import param
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.factorizations.det_sign import init_layers, run_gd
+from implreg.resources import Estimate
 from implreg.runs import pyplot, save_figure
 
 
@@ -103,6 +104,7 @@ class DetSignUnit:
             ],
             "steps": int(steps),
             "seconds": seconds,
+            "initial_loss": float(rec[0, 1]),
             "final_loss": float(rec[-1, 1]),
             "final_abs_w11": float(abs(rec[-1, 2])),
             "final_det": float(rec[-1, 6]),
@@ -111,10 +113,7 @@ class DetSignUnit:
             "crossed_det_zero": bool(flips),
             "flow_time": float(rec[-1, 7]),
             "final_norms": {k: float(v[-1]) for k, v in norms.items()},
-            "final_balancedness": [
-                float(np.linalg.norm(layers[j + 1].T @ layers[j + 1] - layers[j] @ layers[j].T))
-                for j in range(self.depth - 1)
-            ],
+            "final_balancedness": balancedness(layers),
             "records": {
                 "step": rec[:, 0].tolist(),
                 "loss": rec[:, 1].tolist(),
@@ -123,6 +122,15 @@ class DetSignUnit:
                 **{k: v.tolist() for k, v in norms.items()},
             },
         }
+
+
+def balancedness(layers: list[np.ndarray]) -> list[float]:
+    """``||W_{j+1}^T W_{j+1} - W_j W_j^T||`` per pair of layers (inf once a run overflowed)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return [
+            float(np.linalg.norm(layers[j + 1].T @ layers[j + 1] - layers[j] @ layers[j].T))
+            for j in range(len(layers) - 1)
+        ]
 
 
 def end_matrix_norms(w: np.ndarray, depth: int) -> dict[str, np.ndarray]:
@@ -178,6 +186,11 @@ class DetSign(GridExperiment):
             for mode in cfg.modes
             for init in cfg.inits
         ]
+
+    def memory_estimate(self, cfg: DetSignConfig) -> Estimate:
+        """Per worker about 75 MB (measured): the compiled kernel's runtime and its records."""
+        at_once = min(cfg.workers, len(cfg.depths) * len(cfg.modes) * len(cfg.inits))
+        return Estimate(80e6 * at_once, "workers", f"{at_once} compiled-kernel workers")
 
     def summarize(self, cfg: DetSignConfig, results: list[dict]) -> dict:
         return {"runs": [self.strip(r) for r in results]}

@@ -21,7 +21,8 @@ import numpy as np
 from implreg.config import param, require
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.dynamics import learned_summary, learned_text, topk_figure
-from implreg.experiments.mf_fit import FitUnit
+from implreg.experiments.mf_fit import FitUnit, fit_memory
+from implreg.resources import Estimate
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,15 @@ class MFDynamics(GridExperiment):
             )
             for d in cfg.depths
         ]
+
+    def memory_estimate(self, cfg: MFDynamicsConfig) -> Estimate:
+        """The ``workers`` largest fits at once (each a forked worker, :func:`fit_memory`)."""
+        peaks = sorted(
+            (fit_memory(u.shape, u.depth, u.m, u.dtype) for u in self.units(cfg)), reverse=True
+        )[: cfg.workers]
+        n_rows, n_cols = cfg.shape
+        what = f"{len(peaks)} fit{'s' * (len(peaks) > 1)} of a {n_rows} x {n_cols} matrix at once"
+        return Estimate(float(sum(peaks)), "shape", what)
 
     def summarize(self, cfg: MFDynamicsConfig, results: list[dict]) -> dict:
         runs = []

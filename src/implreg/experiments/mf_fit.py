@@ -145,6 +145,7 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
         "status": state.stop["status"][0],
         "iterations": state.iteration,
         "seconds": seconds,
+        "initial_train_loss": float(recorder.values["train_loss"][0][0]),
         "final_train_loss": float(recorder.last("train_loss")[0]),
         **matrix_summary(mf_product(layers)[0].cpu(), truth, observed),
     }
@@ -183,6 +184,43 @@ def nuclear(u: NuclearUnit) -> dict:
         "seconds": time.perf_counter() - start,
         **matrix_summary(torch.from_numpy(x), truth, observed),
     }
+
+
+def fit_memory(shape, depth: int, m: int, dtype: str = "float32") -> int:
+    """Peak bytes of one :func:`fit` (one worker), from its sizes alone (nothing is allocated).
+
+    What persists (the float64 truth, the observed masks, the observations, the
+    layers and their gradients) plus the largest transient: a step (the prefix
+    products ``W_j ... W_1``, the end-matrix gradient and two running products),
+    an evaluation or the final summary (about five float64 end matrices), or
+    building the problem (a permutation of the entries, the float64 init).
+    """
+    n_rows, n_cols = (int(x) for x in shape)
+    size, s = n_rows * n_cols, DTYPES[dtype].itemsize
+    sizes = [n_cols] + [min(n_rows, n_cols)] * (depth - 1) + [n_rows]
+    layers = sum(sizes[j + 1] * sizes[j] for j in range(depth))
+    prefix = sum(sizes[2:]) * n_cols  # W_2 W_1, ..., W_N ... W_1 (W_1 is not copied)
+    keep = 10 * size + 40 * m + 2 * layers * s
+    build = max(8 * size if size <= 1 << 24 else 192 * m, 16 * layers)
+    step = s * (prefix + size + 2 * max(sizes) * n_cols) + 3 * m * s
+    evaluate = max(s * prefix + 8 * size, 40 * size)  # boolean-mask indices: 16 B per entry
+    return (keep + max(build, step, evaluate)) * 5 // 4  # and blocks malloc keeps after a free
+
+
+def nuclear_memory(shape, m: int, solver: str = "SCS") -> int:
+    """Peak bytes of one :func:`nuclear` (one worker), measured with cvxpy 1.9.
+
+    cvxpy's import and compilation (about 140 MB), then with SCS about 1 KB per
+    entry of the ``(n_rows + n_cols)``-square semidefinite block and 8 KB per
+    observation; CLARABEL factorizes that block's KKT system densely, about
+    ``12 (n_rows + n_cols)^4`` bytes (19 GB at 100 x 100).
+    """
+    n_rows, n_cols = (int(x) for x in shape)
+    side = n_rows + n_cols
+    peak = 144 * 2**20 + 1024 * side**2 + 8192 * m + 40 * n_rows * n_cols
+    if solver.upper() == "CLARABEL":
+        peak += 12 * side**4
+    return peak
 
 
 def truth_summary(shape, gt_rank: int, gt_norm: float, m: int, seed: int) -> dict:

@@ -30,7 +30,8 @@ from implreg.config import param, require
 from implreg.experiments.base import GridExperiment, Preset
 from implreg.experiments.image_tasks import RankUnit, input_groups, load_images
 from implreg.problems.images import DATASETS, resolve_data_dir
-from implreg.runs import SUMMARY, pyplot, read_json, save_figure
+from implreg.resources import Estimate
+from implreg.runs import SUMMARY, pyplot, read_json, reading, save_figure
 
 VARIANTS = ("original", "rand_image", "rand_label")
 
@@ -132,6 +133,57 @@ def variance(cfg: TensorRankConfig) -> dict:
     return out
 
 
+_IMAGES = {"train": 60_000, "test": 10_000}  # images per split of MNIST and Fashion-MNIST
+_PIXELS = 28 * 28
+_UNIT_OVERHEAD = 64 * 2**20  # a worker's allocator and BLAS buffers (measured)
+_SKLEARN = 128 * 2**20  # scikit-learn's import and k-means (patch centroids)
+
+
+def _unit_peak(cfg: TensorRankConfig, tasks: int, rank: int | None) -> Estimate:
+    """Peak bytes of one unit (a forked worker): a rank-``rank`` fit of ``tasks`` tasks, or
+    (``rank=None``) the linear baseline.  Sizes are the datasets' (60000 + 10000 images of
+    28 x 28) unless ``train_samples`` / ``test_samples`` keep fewer."""
+    n = min(cfg.train_samples or _IMAGES["train"], _IMAGES["train"])
+    n_test = min(cfg.test_samples or _IMAGES["test"], _IMAGES["test"])
+    patches = cfg.representation == "patches"
+    order = (28 // cfg.patch_size) ** 2 if patches else _PIXELS
+    levels = cfg.centroids if patches else 2
+    d = order * (levels - 1)  # one-hot features
+    onehot = n * d if levels > 2 else 0  # the comparison before the cast
+    inputs = (n + n_test) * (8 * order if patches else _PIXELS) + (n + n_test) * tasks * 4
+    if patches:  # unit images, their patches, distance blocks, k-means on max_patches
+        prep = 8 * n * _PIXELS + 2**18 * (cfg.centroids + cfg.patch_size**2) * 16
+        prep += 16 * cfg.max_patches * cfg.patch_size**2
+    else:  # binarization through int64
+        prep = 10 * n * _PIXELS
+    fixed = inputs + _UNIT_OVERHEAD + (_SKLEARN if patches else 0)
+    if rank is None:  # float64 features, the design matrix and gelsd's copies
+        work = 8 * (d + 1) * (4 * n + 2 * n_test) + onehot
+        what = f"a least-squares fit over {n} x {d + 1} features"
+        return Estimate(float(fixed + max(prep, work)), "train_samples", what)
+    standardize = 20 * n * d + onehot  # float32 features, float64 centring and squares
+    params = tasks * rank * (d + 1)
+    train = 4 * n * d + 16 * n * tasks * rank + 4 * (4 * cfg.memory + 12) * params
+    what = f"{tasks} rank-{rank} fits over {n} images"
+    key = "ranks" if train - 4 * n * d > standardize else "train_samples"
+    return Estimate(float(fixed + max(prep, standardize, train)), key, what)
+
+
+def _memory_estimate(cfg: TensorRankConfig) -> Estimate:
+    """The ``workers`` largest units at once, on top of the datasets the driver holds."""
+    peaks = []
+    for _ in cfg.datasets:
+        for _, variants in input_groups(cfg.variants):
+            tasks = len(cfg.classes) * len(variants)
+            if cfg.linear_baseline:
+                peaks.append(_unit_peak(cfg, tasks, None))
+            peaks.extend(_unit_peak(cfg, tasks, r) for r in sorted(set(cfg.ranks)))
+    peaks.sort(key=lambda e: -e.bytes)
+    loaded = len(cfg.datasets) * sum(_IMAGES.values()) + _IMAGES["train"]  # and one being read
+    driver = Estimate(float(loaded * (_PIXELS + 1)), "datasets")
+    return sum(peaks[: cfg.workers], driver)
+
+
 class TensorRankComplexity(GridExperiment):
     name = "tensor_rank_complexity"
     aliases = ("tensor_rank",)
@@ -154,11 +206,25 @@ class TensorRankComplexity(GridExperiment):
         ),
     )
 
+    def memory_estimate(self, cfg: TensorRankConfig) -> Estimate:
+        return _memory_estimate(cfg)
+
     def prepare(self, cfg: TensorRankConfig, device: str = "cpu") -> TensorRankConfig:
         """Check the data (every dataset readable) before any folder exists."""
         root = resolve_data_dir(cfg.data_dir)
         for name in cfg.datasets:
-            side = min(load_images(str(root), name)["train"].images.shape[1:])
+            data = load_images(str(root), name)
+            train, test = data["train"].images, data["test"].images
+            where = f"the {name} files in {root}"
+            require(train.shape[0] > 0, f"{where} hold no training images")
+            require(test.shape[0] > 0, f"{where} hold no test images")
+            require(
+                train.shape[1:] == test.shape[1:],
+                f"{where} disagree: training images are {'x'.join(map(str, train.shape[1:]))}, "
+                f"test images {'x'.join(map(str, test.shape[1:]))}",
+            )
+            require(min(train.shape[1:]) > 0, f"{where} hold images of zero pixels")
+            side = min(train.shape[1:])
             require(
                 cfg.representation != "patches" or cfg.patch_size <= side,
                 f"patch_size {cfg.patch_size} does not fit the {side}-pixel {name} images",
@@ -229,8 +295,11 @@ class TensorRankComplexity(GridExperiment):
         from matplotlib.ticker import MaxNLocator
 
         run_dir = Path(run_dir)
-        s = read_json(run_dir / SUMMARY)
-        means = s["means"]
+        with reading(run_dir / SUMMARY, "summary"):
+            s = read_json(run_dir / SUMMARY)
+            means = s["means"]
+            for m in means:
+                m["dataset"], m["variant"], m["predictor"], float(m["train_mean"])
         datasets = list(dict.fromkeys(m["dataset"] for m in means))
         fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
         for ax, ds in zip(axes[0], datasets):
