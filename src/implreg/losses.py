@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,11 @@ class HuberLoss:
     name: str = "huber"
 
     def __post_init__(self) -> None:
+        if isinstance(self.delta, bool) or not isinstance(self.delta, numbers.Real):
+            raise TypeError(
+                f"huber_delta must be a real number, got {type(self.delta).__name__} {self.delta!r}"
+            )
+        object.__setattr__(self, "delta", float(self.delta))
         if not (math.isfinite(self.delta) and self.delta > 0):
             raise ValueError(f"huber_delta must be a positive finite number, got {self.delta}")
 
@@ -54,6 +60,8 @@ class HuberLoss:
         Paper Assumption 1 asks for ``delta`` below the observed values; near a
         small initialization the residuals are the targets themselves.
         """
+        if not isinstance(residuals, Tensor):
+            raise TypeError(f"residuals must be a tensor, got {type(residuals).__name__}")
         scale = float(residuals.abs().max()) if residuals.numel() else 0.0
         if self.delta >= scale:
             warnings.warn(
@@ -67,10 +75,12 @@ class HuberLoss:
 
 def make_loss(name: str, *, huber_delta: float | None = None) -> L2Loss | HuberLoss:
     """Loss by name: ``l2`` or ``huber`` (which needs ``huber_delta``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string ('l2' or 'huber'), got {type(name).__name__}")
     if name == "l2":
         return L2Loss()
     if name == "huber":
         if huber_delta is None:
             raise ValueError("the huber loss needs huber_delta")
-        return HuberLoss(float(huber_delta))
+        return HuberLoss(huber_delta)
     raise ValueError(f"unknown loss {name!r}; use 'l2' or 'huber'")

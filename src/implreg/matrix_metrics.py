@@ -9,6 +9,7 @@ rank; the quantities follow Arora, Cohen, Hu & Luo (2019) and Razin & Cohen (202
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -16,9 +17,15 @@ import torch
 Tensor = torch.Tensor
 
 
-def _as_matrices(x: Tensor) -> Tensor:
+def _as_matrices(x: Tensor, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor (n, n') or (B, n, n'), got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
     if x.dim() not in (2, 3):
-        raise ValueError(f"expected a matrix (n, n') or a batch (B, n, n'), got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be a matrix (n, n') or a batch (B, n, n'), got shape {tuple(x.shape)}"
+        )
     return x.to(torch.float64)
 
 
@@ -95,6 +102,8 @@ def schatten_quasi_norm(x: Tensor, p: float) -> Tensor:
     Tensor
         0-d or ``(B,)``.
     """
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"the Schatten exponent p must be a real number, got {type(p).__name__}")
     p = float(p)
     if not (math.isfinite(p) and p > 0):
         raise ValueError(f"the Schatten exponent p must be a positive finite number, got {p}")
@@ -125,8 +134,27 @@ def balancedness(layers: Sequence[Tensor]) -> Tensor:
     Tensor
         float64, ``(B, N - 1)`` (``(B, 0)`` for depth 1).
     """
+    if isinstance(layers, Tensor) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"layers must be a sequence of tensors (B, d_out, d_in), got {type(layers).__name__}"
+        )
     if len(layers) < 1:
         raise ValueError("balancedness needs at least one layer")
+    for j, w in enumerate(layers):
+        if not isinstance(w, Tensor):
+            raise TypeError(
+                f"layers[{j}] must be a tensor (B, d_out, d_in), got {type(w).__name__}"
+            )
+        if w.dim() != 3 or w.shape[0] != layers[0].shape[0]:
+            raise ValueError(
+                "layers must have shape (B, d_out, d_in) with one B, got shapes "
+                f"{[tuple(x.shape) for x in layers]}"
+            )
+        if j > 0 and w.shape[2] != layers[j - 1].shape[1]:
+            raise ValueError(
+                f"layers[{j}] takes {w.shape[2]} inputs but layers[{j - 1}] has "
+                f"{layers[j - 1].shape[1]} outputs"
+            )
     ls = [w.to(torch.float64) for w in layers]
     batch = ls[0].shape[0]
     out = [
@@ -159,7 +187,13 @@ def reconstruction_errors(w: Tensor, truth: Tensor, observed_mask: Tensor) -> di
         (NaN when every entry is observed); ``"train_mse"``: over observed entries
         only (NaN when none is).  Each 0-d or ``(B,)``.
     """
-    w = _as_matrices(w)
+    w = _as_matrices(w, "w")
+    if not isinstance(truth, Tensor) or truth.is_complex():
+        raise TypeError(f"truth must be a real tensor (n, n'), got {type(truth).__name__}")
+    if not isinstance(observed_mask, Tensor):
+        raise TypeError(f"observed_mask must be a bool tensor, got {type(observed_mask).__name__}")
+    if observed_mask.is_floating_point() or observed_mask.is_complex():
+        raise TypeError(f"observed_mask must be a bool tensor, got dtype {observed_mask.dtype}")
     truth = truth.to(torch.float64)
     mask = observed_mask.to(torch.bool)
     if truth.shape != w.shape[-2:] or mask.shape != w.shape[-2:]:

@@ -14,6 +14,8 @@ Figure 4 clips at 1 on the 0/1 label scale).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,28 @@ import torch
 __all__ = ["LinearFit", "fit_linear", "mse"]
 
 
+def _real_or_none(name: str, value, *, positive: bool) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out) or out < 0 or (positive and out == 0):
+        raise ValueError(
+            f"{name} must be {'positive' if positive else 'non-negative'} and finite, got {out}"
+        )
+    return out
+
+
 def _as_matrix(value, name: str) -> torch.Tensor:
-    out = torch.as_tensor(value)
+    try:
+        out = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"{name} must be a numeric array or tensor, got {type(value).__name__}"
+        ) from exc
+    if out.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {out.dtype}")
     if out.ndim != 2:
         raise ValueError(f"{name} must be a matrix (n, columns), got shape {tuple(out.shape)}")
     return out
@@ -71,6 +93,7 @@ def fit_linear(features, targets, *, rcond: float | None = None) -> LinearFit:
     The bias is part of ``w`` and hence of the norm being minimized; this changes
     only which of several equally good fits is returned, never the train error.
     """
+    rcond = _real_or_none("rcond", rcond, positive=False)
     x = _as_matrix(features, "features")
     y = _as_matrix(targets, "targets")
     if x.shape[0] != y.shape[0]:
@@ -97,13 +120,17 @@ def mse(pred, y, clip: float | None = None) -> torch.Tensor:
     ``clip=1`` on the 0/1 label scale.
     """
     p, t = torch.as_tensor(pred), torch.as_tensor(y)
+    if p.is_complex() or t.is_complex():
+        raise TypeError(f"pred and y must be real, got dtypes {p.dtype} and {t.dtype}")
     if p.shape != t.shape:
         raise ValueError(
             f"predictions {tuple(p.shape)} and targets {tuple(t.shape)} differ in shape"
         )
     if p.ndim not in (1, 2) or p.shape[0] == 0:
         raise ValueError(f"expected (n,) or (n, T) with n >= 1, got {tuple(p.shape)}")
-    if clip is not None and not clip > 0:
+    if clip is not None and not (isinstance(clip, numbers.Real) and clip > 0):
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+            raise TypeError(f"clip must be a positive number or None, got {type(clip).__name__}")
         raise ValueError(f"clip must be positive, got {clip}")
     err = (p.to(torch.float64) - t.to(device=p.device, dtype=torch.float64)) ** 2
     if clip is not None:

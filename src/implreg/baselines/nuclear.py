@@ -36,6 +36,8 @@ def _import_cvxpy() -> Any:
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
+        raise TypeError(f"shape must be a pair (n_rows, n_cols), got {type(shape).__name__}.")
     if len(shape) != 2:
         raise ValueError(f"shape must have two entries (n_rows, n_cols), got {tuple(shape)}.")
     n_rows, n_cols = (int(s) for s in shape)
@@ -45,6 +47,8 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_tol(tol: float) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tol must be a positive finite number, got {type(tol).__name__}.")
     tol = float(tol)
     if not np.isfinite(tol) or tol <= 0:
         raise ValueError(f"tol must be a positive finite number, got {tol}.")
@@ -73,6 +77,8 @@ def _solve(
     solver_options: dict[str, Any],
 ) -> np.ndarray:
     """Minimize ||X||_* subject to |operator @ vec_C(X) - y| <= tol (one vector constraint)."""
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a cvxpy solver name, got {type(solver).__name__}")
     if solver.upper() not in cp.installed_solvers():
         raise ValueError(
             f"solver {solver!r} is not installed for cvxpy; installed: {cp.installed_solvers()}."

@@ -23,24 +23,225 @@ The fast loss gradients live in :mod:`implreg.factorizations.cp_engine`.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 Tensor = torch.Tensor
 
+# ---------------------------------------------------------------- argument checks
+#
+# Shared by the public entry points of the factorization, problem and optimizer
+# modules.  Each raises a one-sentence TypeError (wrong kind of value) or
+# ValueError (right kind, wrong value) that names the argument and what was given.
 
-def _check_factors(factors: Sequence[Tensor]) -> tuple[int, int]:
-    if len(factors) < 1:
-        raise ValueError("a CP factorization needs at least one factor")
-    batch, _, rank = factors[0].shape
-    for f in factors:
-        if f.dim() != 3 or f.shape[0] != batch or f.shape[2] != rank:
-            raise ValueError(
-                "every factor must have shape (B, d_n, R) with the same B and R; "
-                f"got {[tuple(f.shape) for f in factors]}"
+
+def _check_int(name: str, value, *, minimum: int | None = None) -> int:
+    """``value`` as an ``int``: integral numbers only (``3``, ``3.0``; not ``2.5``, ``True``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        if not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{name} must be an integer, got {type(value).__name__} {value!r}"
+            ) from None
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        out = int(value)
+    if minimum is not None and out < minimum:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}"
+        )
+        raise ValueError(f"{name} must be {what}, got {out}")
+    return out
+
+
+def _check_real(
+    name: str,
+    value,
+    *,
+    positive: bool = False,
+    nonnegative: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a ``float``, refusing non-numbers, NaN and (by default) infinities."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if math.isnan(out) or (finite and math.isinf(out)):
+        raise ValueError(f"{name} must be a finite number, got {out}")
+    if positive and not out > 0:
+        raise ValueError(f"{name} must be positive, got {out}")
+    if nonnegative and not out >= 0:
+        raise ValueError(f"{name} must be non-negative, got {out}")
+    return out
+
+
+def _check_dims(name: str, dims) -> list[int]:
+    """Mode sizes: a non-empty sequence of positive integers."""
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of mode sizes, got {type(dims).__name__} {dims!r}"
+        )
+    out = [_check_int(f"{name}[{n}]", d, minimum=1) for n, d in enumerate(dims)]
+    if not out:
+        raise ValueError(f"{name} must hold at least one mode size, got an empty sequence")
+    return out
+
+
+def _check_positive_list(name: str, values) -> list[float]:
+    """A non-empty sequence (list, tuple, array, 1-D tensor) of positive finite numbers."""
+    if isinstance(values, Tensor) or type(values).__module__ == "numpy":
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{name} must be a sequence of numbers (one per batch entry), "
+            f"got {type(values).__name__} {values!r}"
+        )
+    out = [_check_real(f"{name}[{b}]", v, positive=True) for b, v in enumerate(values)]
+    if not out:
+        raise ValueError(f"{name} must be a non-empty list of positive finite numbers, got []")
+    return out
+
+
+def _check_generator(name: str, generator) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _check_float_dtype(name: str, dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_tensor(name: str, x, *, floating: bool = False, integer: bool = False) -> Tensor:
+    """``x`` must be a tensor, of a floating (or integer, not bool) dtype if asked."""
+    if not isinstance(x, Tensor):
+        kind = (
+            "a floating-point tensor"
+            if floating
+            else "an integer tensor"
+            if integer
+            else "a tensor"
+        )
+        raise TypeError(f"{name} must be {kind}, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if integer and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    """All entries finite (one reduction and one device sync: for constructors only)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} non-finite value(s)")
+
+
+def _check_index_tuples(name: str, idx, dims: Sequence[int], *, check_range: bool = True) -> Tensor:
+    """Index tuples: an integer tensor ``(m, N)`` with ``0 <= idx[:, n] < dims[n]``."""
+    _check_tensor(name, idx, integer=True)
+    if idx.dim() != 2 or idx.shape[1] != len(dims):
+        raise ValueError(
+            f"{name} must have shape (m, {len(dims)}) (one column per mode), "
+            f"got shape {tuple(idx.shape)}"
+        )
+    if check_range and idx.shape[0]:
+        low, high = idx.amin(0).tolist(), idx.amax(0).tolist()
+        for n, (lo, hi, d) in enumerate(zip(low, high, dims)):
+            if lo < 0 or hi >= d:
+                raise ValueError(
+                    f"{name}[:, {n}] must lie in [0, {d}) (mode size {d}), "
+                    f"got {lo if lo < 0 else hi}"
+                )
+    return idx
+
+
+def _check_same_device(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(
+            f"{name_a} is on {a.device} but {name_b} is on {b.device}; put them on one device"
+        )
+
+
+def _check_targets(
+    name: str, y, m: int, *, like: Tensor | None = None, like_name: str = ""
+) -> Tensor:
+    """Targets: a finite floating tensor ``(m,)``, of ``like``'s dtype and device if given."""
+    _check_tensor(name, y, floating=True)
+    if tuple(y.shape) != (m,):
+        raise ValueError(
+            f"{name} must have shape ({m},) (one value per observation), got {tuple(y.shape)}"
+        )
+    if like is not None:
+        if like.is_floating_point() and y.dtype != like.dtype:
+            raise TypeError(
+                f"{name} has dtype {y.dtype} but {like_name} has dtype {like.dtype}; "
+                "convert one to the other"
             )
+        _check_same_device(name, y, like_name, like)
+    _check_finite(name, y)
+    return y
+
+
+def _factor_error(name: str, factors, dims: Sequence[int] | None, dtype: torch.dtype | None):
+    """The exception describing why ``factors`` do not fit (the slow path of a cheap check)."""
+    if isinstance(factors, Tensor) or not isinstance(factors, Sequence):
+        return TypeError(
+            f"{name} must be a sequence of tensors (B, d_n, R), got {type(factors).__name__}"
+        )
+    if dims is not None and len(factors) != len(dims):
+        return ValueError(
+            f"{name} must hold {len(dims)} tensors (one per mode), got {len(factors)}"
+        )
+    if len(factors) < 1:
+        return ValueError(f"{name} must hold at least one tensor (B, d_n, R), got none")
+    for n, f in enumerate(factors):
+        if not isinstance(f, Tensor):
+            return TypeError(f"{name}[{n}] must be a tensor (B, d_n, R), got {type(f).__name__}")
+        if not f.is_floating_point():
+            return TypeError(f"{name}[{n}] must be a floating-point tensor, got dtype {f.dtype}")
+        if f.dim() != 3:
+            return ValueError(f"{name}[{n}] must have shape (B, d_n, R), got {tuple(f.shape)}")
+    batch, _, rank = factors[0].shape
+    for n, f in enumerate(factors):
+        want = (batch, f.shape[1] if dims is None else dims[n], rank)
+        if tuple(f.shape) != want:
+            return ValueError(
+                f"{name}[{n}] must have shape {want} (batch and rank of {name}[0]"
+                + ("" if dims is None else f", mode size {dims[n]}")
+                + f"), got {tuple(f.shape)}"
+            )
+        if f.dtype != factors[0].dtype:
+            return TypeError(
+                f"{name}[{n}] has dtype {f.dtype} but {name}[0] has dtype {factors[0].dtype}"
+            )
+        if f.device != factors[0].device:
+            return ValueError(
+                f"{name}[{n}] is on {f.device} but {name}[0] is on {factors[0].device}"
+            )
+    if dtype is not None and factors[0].dtype != dtype:
+        return TypeError(
+            f"{name} have dtype {factors[0].dtype} but the observations y have dtype {dtype}; "
+            "convert one to the other"
+        )
+    return None
+
+
+def _check_factors(factors: Sequence[Tensor], name: str = "factors") -> tuple[int, int]:
+    """Factors ``(B, d_n, R)`` with a common ``B``, ``R``, floating dtype and device."""
+    err = _factor_error(name, factors, None, None)
+    if err is not None:
+        raise err
+    batch, _, rank = factors[0].shape
     return batch, rank
 
 
@@ -59,10 +260,13 @@ def cp_init(
     ``mean + std_b * Z``: runs that differ only in initialization scale then
     start from the same direction, as in the paper's Figure 3 comparison.
     """
-    dims = [int(d) for d in dims]
-    if any(d < 1 for d in dims) or rank < 1:
-        raise ValueError(f"mode sizes and rank must be positive, got dims={dims}, rank={rank}")
-    scale = torch.tensor([float(s) for s in stds], dtype=torch.float64).view(-1, 1, 1)
+    dims = _check_dims("dims", dims)
+    rank = _check_int("rank", rank, minimum=1)
+    std_list = _check_positive_list("stds", stds)
+    mean = _check_real("mean", mean)
+    _check_generator("generator", generator)
+    _check_float_dtype("dtype", dtype)
+    scale = torch.tensor(std_list, dtype=torch.float64).view(-1, 1, 1)
     out = []
     for d in dims:
         z = torch.randn(1, d, rank, generator=generator, dtype=torch.float64)
@@ -139,6 +343,7 @@ def balanced_split(dims: Sequence[int]) -> int:
     Used to lay the end tensor out as a ``prod(dims[:k]) x prod(dims[k:])`` matrix
     so that it is the product of two Khatri-Rao matrices.
     """
+    dims = _check_dims("dims", dims)
     n = len(dims)
     if n == 1:
         return 1
@@ -161,8 +366,8 @@ def cp_values(factors: Sequence[Tensor], idx: Tensor, *, chunk: int = 65536) -> 
     evaluated over chunks of ``chunk`` tuples.
     """
     batch, rank = _check_factors(factors)
-    if idx.dim() != 2 or idx.shape[1] != len(factors):
-        raise ValueError(f"idx must have shape (m, {len(factors)}), got {tuple(idx.shape)}")
+    _check_index_tuples("idx", idx, [f.shape[1] for f in factors])
+    chunk = _check_int("chunk", chunk, minimum=1)
     outs = []
     for start in range(0, idx.shape[0], chunk):
         sub = idx[start : start + chunk]
@@ -215,6 +420,10 @@ def cp_gammas(factors: Sequence[Tensor], grad_end: Tensor) -> Tensor:
     shape ``(B, d_1, ..., d_N)``.  Components with a zero factor get gamma 0.
     """
     batch, rank = _check_factors(factors)
+    _check_tensor("grad_end", grad_end, floating=True)
+    expected = (batch, *(f.shape[1] for f in factors))
+    if tuple(grad_end.shape) != expected:
+        raise ValueError(f"grad_end must have shape {expected}, got {tuple(grad_end.shape)}")
     unit = []
     for f in factors:
         nrm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
@@ -229,7 +438,14 @@ def cp_gammas_sparse(factors: Sequence[Tensor], idx: Tensor, grad_values: Tensor
     ``grad_values`` (``(B, m)``) are the entries of ``grad L(W_e)`` at ``idx``; this is
     the completion case, where the end tensor need not be built.
     """
-    _check_factors(factors)
+    batch, _ = _check_factors(factors)
+    _check_index_tuples("idx", idx, [f.shape[1] for f in factors])
+    _check_tensor("grad_values", grad_values, floating=True)
+    if tuple(grad_values.shape) != (batch, idx.shape[0]):
+        raise ValueError(
+            f"grad_values must have shape {(batch, idx.shape[0])} (B, m), "
+            f"got {tuple(grad_values.shape)}"
+        )
     prod = None
     for n, f in enumerate(factors):
         nrm = torch.linalg.vector_norm(f, dim=1, keepdim=True)

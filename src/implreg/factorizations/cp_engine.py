@@ -32,22 +32,48 @@ from collections.abc import Sequence
 
 import torch
 
-from implreg.factorizations.cp import balanced_split, khatri_rao, khatri_rao_backward
+from implreg.factorizations.cp import (
+    _check_dims,
+    _check_finite,
+    _check_index_tuples,
+    _check_int,
+    _check_same_device,
+    _check_targets,
+    _check_tensor,
+    _factor_error,
+    balanced_split,
+    khatri_rao,
+    khatri_rao_backward,
+)
 from implreg.losses import PointwiseLoss
 
 Tensor = torch.Tensor
 
+GATHER_OPTIONS = ("table_max", "chunk")
 
-def linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
-    """Row-major linear index of index tuples ``idx`` (``(m, N)``) into a ``dims`` tensor."""
+
+def _linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
     lin = torch.zeros(idx.shape[0], dtype=torch.int64, device=idx.device)
     for n, d in enumerate(dims):
         lin = lin * int(d) + idx[:, n].to(torch.int64)
     return lin
 
 
+def linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
+    """Row-major linear index of index tuples ``idx`` (``(m, N)``) into a ``dims`` tensor.
+
+    Raises TypeError for a non-integer ``idx`` and ValueError for a wrong shape or an
+    index outside ``[0, dims[n])``.
+    """
+    dims = _check_dims("dims", dims)
+    _check_index_tuples("idx", idx, dims)
+    return _linear_index(idx, dims)
+
+
 def group_modes(dims: Sequence[int], table_max: int) -> list[list[int]]:
     """Partition modes into consecutive groups whose size products stay ``<= table_max``."""
+    dims = _check_dims("dims", dims)
+    table_max = _check_int("table_max", table_max, minimum=1)
     groups: list[list[int]] = []
     current: list[int] = []
     size = 1
@@ -65,6 +91,33 @@ class _Engine(abc.ABC):
     """Shared interface: ``loss_and_grad(factors, loss)`` and ``predict(factors)``."""
 
     m: int
+    dims: list[int]
+    y: Tensor
+
+    def _check_factors(self, factors: Sequence[Tensor]) -> None:
+        """Per-call check that ``factors`` are ``(B, d_n, R)`` of ``y``'s dtype and device.
+
+        Runs on every step, so the accepted case costs only shape, dtype and device
+        compares (about 2 microseconds at order 4: no tensor operation, no sync).
+        """
+        dims, y = self.dims, self.y
+        try:
+            if len(factors) == len(dims):
+                first = factors[0].shape
+                if len(first) == 3:
+                    batch, rank, dtype = first[0], first[2], y.dtype
+                    for f, d in zip(factors, dims):
+                        if f.shape != (batch, d, rank) or f.dtype != dtype:
+                            break
+                    else:
+                        if factors[0].device == y.device:
+                            return
+        except (AttributeError, TypeError, IndexError):
+            pass
+        err = _factor_error("factors", factors, dims, y.dtype)
+        if err is None:
+            err = ValueError(f"factors are on {factors[0].device} but y is on {y.device}")
+        raise err
 
     @abc.abstractmethod
     def predict(self, factors: Sequence[Tensor]) -> Tensor:
@@ -122,15 +175,35 @@ def _chunked_loss(m: int, chunk: int, y: Tensor, loss: PointwiseLoss, columns, s
     return total / m
 
 
+def _check_observations(dims: Sequence[int], idx, y) -> int:
+    """Index tuples ``idx`` ``(m, N)`` inside ``dims`` and finite targets ``y`` ``(m,)``."""
+    _check_index_tuples("idx", idx, dims)
+    m = int(idx.shape[0])
+    if m < 1:
+        raise ValueError("idx must hold at least one observation, got shape (0, N)")
+    _check_targets("y", y, m)
+    _check_same_device("idx", idx, "y", y)
+    return m
+
+
 class DenseCompletion(_Engine):
-    """Completion gradient through the dense ``T_1 T_2^T`` formulation (small tensors)."""
+    """Completion gradient through the dense ``T_1 T_2^T`` formulation (small tensors).
+
+    ``idx`` is an integer tensor ``(m, N)`` of index tuples inside ``dims`` and ``y``
+    a finite floating tensor ``(m,)`` on the same device; the factors given to
+    :meth:`predict` and :meth:`loss_and_grad` must have ``y``'s dtype and device.
+    """
 
     def __init__(self, dims: Sequence[int], idx: Tensor, y: Tensor):
-        self.dims = [int(d) for d in dims]
-        self.k = balanced_split(self.dims)
-        self.lin = linear_index(idx, self.dims)
+        self._init_dense(dims)
+        self.m = _check_observations(self.dims, idx, y)
+        self.lin = _linear_index(idx, self.dims)
         self.y = y
-        self.m = idx.shape[0]
+
+    def _init_dense(self, dims: Sequence[int]) -> None:
+        """Mode layout shared with :class:`DenseSensing`."""
+        self.dims = _check_dims("dims", dims)
+        self.k = balanced_split(self.dims)
         self.size = math.prod(self.dims)
 
     def _halves(self, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -144,6 +217,7 @@ class DenseCompletion(_Engine):
         return torch.matmul(left, right.transpose(1, 2))
 
     def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        self._check_factors(factors)
         left, right = self._halves(factors)
         w = self._end_matrix(left, right)
         return w.reshape(w.shape[0], -1)[:, self.lin]
@@ -153,8 +227,8 @@ class DenseCompletion(_Engine):
     ) -> list[Tensor]:
         """Factor gradients from ``g_end``, the loss gradient w.r.t. the end tensor (``(B, P)``)."""
         batch = g_end.shape[0]
-        if right is None:
-            d_left = g_end.reshape(batch, -1, 1).expand(-1, -1, left.shape[-1])
+        if right is None:  # order 1: contiguous, not a broadcast view (callers may update in place)
+            d_left = g_end.reshape(batch, -1, 1).expand(-1, -1, left.shape[-1]).contiguous()
             return khatri_rao_backward(factors, d_left)
         gm = g_end.reshape(batch, left.shape[1], right.shape[1])
         d_left = torch.matmul(gm, right)
@@ -164,6 +238,7 @@ class DenseCompletion(_Engine):
         )
 
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        self._check_factors(factors)
         left, right = self._halves(factors)
         w = self._end_matrix(left, right)
         batch = w.shape[0]
@@ -175,7 +250,11 @@ class DenseCompletion(_Engine):
 
 
 class GatherCompletion(_Engine):
-    """Completion gradient over observed entries only (tensors too large to build)."""
+    """Completion gradient over observed entries only (tensors too large to build).
+
+    Arguments as :class:`DenseCompletion`, plus positive integers ``table_max``
+    (largest Khatri-Rao table of a mode group) and ``chunk`` (observations per pass).
+    """
 
     def __init__(
         self,
@@ -186,19 +265,20 @@ class GatherCompletion(_Engine):
         table_max: int = 1024,
         chunk: int = 4096,
     ):
-        self.dims = [int(d) for d in dims]
+        self.dims = _check_dims("dims", dims)
         self.groups = group_modes(self.dims, table_max)
+        self.chunk = _check_int("chunk", chunk, minimum=1)
+        self.m = _check_observations(self.dims, idx, y)
         self.group_idx = [
-            linear_index(idx[:, g], [self.dims[n] for n in g]).contiguous() for g in self.groups
+            _linear_index(idx[:, g], [self.dims[n] for n in g]).contiguous() for g in self.groups
         ]
         self.y = y
-        self.m = idx.shape[0]
-        self.chunk = int(chunk)
 
     def _tables(self, factors: Sequence[Tensor]) -> list[Tensor]:
         return [khatri_rao([factors[n] for n in g]) for g in self.groups]
 
     def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        self._check_factors(factors)
         tables = self._tables(factors)
         outs = []
         for s in range(0, self.m, self.chunk):
@@ -207,6 +287,7 @@ class GatherCompletion(_Engine):
         return torch.cat(outs, dim=1)
 
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        self._check_factors(factors)
         tables = self._tables(factors)
         d_tables = [torch.zeros_like(t) for t in tables]
 
@@ -224,24 +305,36 @@ class GatherCompletion(_Engine):
 
 
 class DenseSensing(DenseCompletion):
-    """Sensing ``y_i = <X_i, W>`` with dense measurement tensors stored as one ``m x P`` matrix."""
+    """Sensing ``y_i = <X_i, W>`` with dense measurement tensors stored as one ``m x P`` matrix.
+
+    ``measurements`` is a finite floating ``(m, prod(dims))`` tensor (row ``i`` the
+    row-major ``X_i``) and ``y`` a finite ``(m,)`` tensor of the same dtype and device.
+    """
 
     def __init__(self, dims: Sequence[int], measurements: Tensor, y: Tensor):
-        self.dims = [int(d) for d in dims]
-        self.k = balanced_split(self.dims)
-        self.size = math.prod(self.dims)
-        if measurements.shape[1] != self.size:
-            raise ValueError("measurement matrix must have one column per tensor entry")
+        self._init_dense(dims)
+        _check_tensor("measurements", measurements, floating=True)
+        if measurements.dim() != 2 or measurements.shape[1] != self.size:
+            raise ValueError(
+                f"measurements must have one column per tensor entry, shape (m, {self.size}), "
+                f"got {tuple(measurements.shape)}"
+            )
+        self.m = int(measurements.shape[0])
+        if self.m < 1:
+            raise ValueError("measurements must hold at least one row (measurement), got 0")
+        _check_finite("measurements", measurements)
+        _check_targets("y", y, self.m, like=measurements, like_name="measurements")
         self.x = measurements
         self.y = y
-        self.m = measurements.shape[0]
 
     def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        self._check_factors(factors)
         left, right = self._halves(factors)
         w = self._end_matrix(left, right)
         return w.reshape(w.shape[0], -1) @ self.x.T
 
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        self._check_factors(factors)
         left, right = self._halves(factors)
         w = self._end_matrix(left, right)
         batch = w.shape[0]
@@ -255,16 +348,43 @@ class RankOneSensing(_Engine):
     """Sensing with rank-one measurement tensors ``X_i = x_i^1 (x) ... (x) x_i^N``.
 
     ``<X_i, W_e> = sum_r prod_n <x_i^n, w_r^n>``: never builds a tensor, so it
-    scales to orders where the dense formulation cannot.
+    scales to orders where the dense formulation cannot.  ``vectors`` holds ``N``
+    finite floating tensors ``(m, d_n)`` of one dtype and device, ``y`` ``(m,)`` alike.
     """
 
     def __init__(self, vectors: Sequence[Tensor], y: Tensor, *, chunk: int = 4096):
+        if isinstance(vectors, Tensor) or not isinstance(vectors, Sequence):
+            raise TypeError(
+                "vectors must be a sequence of N tensors (m, d_n), one per mode, "
+                f"got {type(vectors).__name__}"
+            )
         self.vectors = list(vectors)  # each (m, d_n)
+        if not self.vectors:
+            raise ValueError("vectors must hold at least one tensor (m, d_n), got none")
+        for n, v in enumerate(self.vectors):
+            _check_tensor(f"vectors[{n}]", v, floating=True)
+            first = self.vectors[0]
+            if v.dim() != 2 or v.shape[0] != first.shape[0] or v.shape[1] < 1:
+                raise ValueError(
+                    f"vectors[{n}] must have shape (m, d_n) with the m = {first.shape[0]} rows "
+                    f"of vectors[0], got {tuple(v.shape)}"
+                )
+            if v.dtype != first.dtype:
+                raise TypeError(
+                    f"vectors[{n}] has dtype {v.dtype} but vectors[0] has {first.dtype}"
+                )
+            _check_same_device(f"vectors[{n}]", v, "vectors[0]", first)
+            _check_finite(f"vectors[{n}]", v)
+        self.m = int(self.vectors[0].shape[0])
+        if self.m < 1:
+            raise ValueError("vectors must hold at least one measurement (row), got 0")
+        _check_targets("y", y, self.m, like=self.vectors[0], like_name="vectors")
         self.y = y
-        self.m = self.vectors[0].shape[0]
-        self.chunk = int(chunk)
+        self.dims = [int(v.shape[1]) for v in self.vectors]
+        self.chunk = _check_int("chunk", chunk, minimum=1)
 
     def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        self._check_factors(factors)
         outs = []
         for s in range(0, self.m, self.chunk):
             cols = [v[s : s + self.chunk] @ f for v, f in zip(self.vectors, factors)]
@@ -272,6 +392,7 @@ class RankOneSensing(_Engine):
         return torch.cat(outs, dim=1)
 
     def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        self._check_factors(factors)
         grads = [torch.zeros_like(f) for f in factors]
 
         def columns(s: int, e: int) -> list[Tensor]:
@@ -290,7 +411,10 @@ def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 
     The constants come from ``bench/bench_cp_step.py`` on a 2-core CPU: a GEMM
     flop costs about a tenth of a gathered, multiplied and scattered element.
     """
-    size = math.prod(int(d) for d in dims)
+    dims = _check_dims("dims", dims)
+    m = _check_int("m", m, minimum=0)
+    dense_max = _check_int("dense_max", dense_max, minimum=1)
+    size = math.prod(dims)
     if size > dense_max:
         return "gather"
     n_groups = len(group_modes(dims, 1024))
@@ -300,11 +424,26 @@ def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 
 def completion_engine(
     dims: Sequence[int], idx: Tensor, y: Tensor, *, method: str = "auto", **kwargs
 ) -> _Engine:
-    """The completion engine for ``method`` in ``{'auto', 'dense', 'gather'}``."""
+    """The completion engine for ``method`` in ``{'auto', 'dense', 'gather'}``.
+
+    ``idx`` is an integer tensor ``(m, N)`` of index tuples inside ``dims``, ``y`` a
+    finite floating tensor ``(m,)``; ``kwargs`` (``table_max``, ``chunk``) reach the
+    gather engine and are checked whichever method is used.
+    """
+    if method not in ("auto", "dense", "gather"):
+        raise ValueError(f"unknown completion method {method!r}; use 'auto', 'dense' or 'gather'")
+    unknown = sorted(set(kwargs) - set(GATHER_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"completion_engine got unexpected keyword argument(s) {unknown}; "
+            f"the gather engine takes {', '.join(GATHER_OPTIONS)}"
+        )
+    for key, value in kwargs.items():
+        _check_int(key, value, minimum=1)
+    dims = _check_dims("dims", dims)
+    _check_index_tuples("idx", idx, dims, check_range=False)  # the range: in the engine
     if method == "auto":
         method = choose_completion_method(dims, idx.shape[0])
     if method == "dense":
         return DenseCompletion(dims, idx, y)
-    if method == "gather":
-        return GatherCompletion(dims, idx, y, **kwargs)
-    raise ValueError(f"unknown completion method {method!r}; use 'auto', 'dense' or 'gather'")
+    return GatherCompletion(dims, idx, y, **kwargs)

@@ -36,6 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
+from implreg.factorizations.cp import (
+    _check_float_dtype,
+    _check_int,
+    _check_real,
+    _check_tensor,
+)
 from implreg.optim.lbfgs import minimize
 
 Tensor = torch.Tensor
@@ -47,12 +53,15 @@ def one_hot_features(x: Tensor, levels: int, dtype: torch.dtype = torch.float32)
     ``x`` is ``(n, N)`` integers in ``0..levels-1``; the result is ``(n, N*(levels-1))``,
     ordered feature-major (``n * (levels-1) + v - 1``).  For binary inputs it is ``x`` itself.
     """
+    _check_tensor("x", x, integer=True)
     if x.dim() != 2:
-        raise ValueError(f"inputs must be (samples, features), got shape {tuple(x.shape)}")
-    if levels < 2:
-        raise ValueError(f"levels must be at least 2, got {levels}")
+        raise ValueError(f"inputs x must be (samples, features), got shape {tuple(x.shape)}")
+    levels = _check_int("levels", levels, minimum=2)
+    _check_float_dtype("dtype", dtype)
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= levels):
-        raise ValueError(f"input values must lie in 0..{levels - 1}")
+        raise ValueError(
+            f"input values x must lie in 0..{levels - 1}, got {int(x.min())}..{int(x.max())}"
+        )
     if levels == 2:
         return x.to(dtype)
     vals = torch.arange(1, levels, device=x.device)
@@ -107,6 +116,7 @@ class ExpSumPredictor:
 
     def values(self, x: Tensor, chunk: int = 8192) -> Tensor:
         """Predictions ``(n, T)`` in chunks of ``chunk`` inputs."""
+        chunk = _check_int("chunk", chunk, minimum=1)
         out = [
             (self.signs * torch.exp(self.log_terms(x[i : i + chunk]))).sum(2)
             for i in range(0, x.shape[0], chunk)
@@ -131,6 +141,10 @@ class ExpSumPredictor:
         Magnitudes are balanced: every mode carries ``b'/N`` of the log-scale;
         the sign of each term sits on the first mode.
         """
+        tasks = self.weights.shape[0]
+        task = _check_int("task", task, minimum=0)
+        if task >= tasks:
+            raise ValueError(f"task must lie in [0, {tasks}), got {task}")
         w, b = self.raw_linear()
         w, b = w[task], b[task]  # (R, D), (R,)
         levels = self.levels
@@ -151,8 +165,21 @@ class ExpSumObjective:
     """
 
     def __init__(self, feats: Tensor, targets: Tensor, signs: Tensor):
+        _check_tensor("feats", feats, floating=True)
+        _check_tensor("targets", targets)
+        _check_tensor("signs", signs)
+        if feats.dim() != 2:
+            raise ValueError(f"feats must be (samples, features), got shape {tuple(feats.shape)}")
         if targets.dim() != 2 or targets.shape[0] != feats.shape[0]:
-            raise ValueError("targets must be (samples, tasks) matching the features")
+            raise ValueError(
+                f"targets must be (samples, tasks) with the {feats.shape[0]} samples of feats, "
+                f"got shape {tuple(targets.shape)}"
+            )
+        if signs.dim() != 2 or signs.shape[0] != targets.shape[1] or signs.shape[1] < 1:
+            raise ValueError(
+                f"signs must be (tasks, rank) with the {targets.shape[1]} tasks of targets, "
+                f"got shape {tuple(signs.shape)}"
+            )
         self.feats = feats
         self.targets = targets.to(feats.dtype)
         self.signs = signs.to(feats.dtype)
@@ -215,21 +242,52 @@ def fit_exp_sum(
     ``mean(y)/R`` (all terms equal, as the authors' mean-1 factors) plus Gaussian
     weights of total scale ``init_scale`` to break the symmetry.
     """
-    if rank < 1:
-        raise ValueError(f"the rank must be at least 1, got {rank}")
+    rank = _check_int("rank", rank, minimum=1)
+    iterations = _check_int("iterations", iterations, minimum=0)
+    memory = _check_int("memory", memory, minimum=1)
+    init_scale = _check_real("init_scale", init_scale, nonnegative=True)
+    rel_tol = _check_real("rel_tol", rel_tol, nonnegative=True)
+    seed = _check_int("seed", seed)
+    _check_tensor("x", x, integer=True)
+    _check_tensor("targets", targets)
+    if targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be a real tensor, got dtype {targets.dtype}")
     if targets.dim() == 1:
         targets = targets.unsqueeze(1)
-    if x.shape[0] != targets.shape[0]:
-        raise ValueError(f"{x.shape[0]} inputs but {targets.shape[0]} targets")
+    if targets.dim() != 2:
+        raise ValueError(
+            f"targets must be (samples,) or (samples, tasks), got {tuple(targets.shape)}"
+        )
+    if x.dim() != 2 or x.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"x must be (samples, features) with one row per target: x has shape "
+            f"{tuple(x.shape)}, targets {tuple(targets.shape)}"
+        )
+    if not bool(torch.isfinite(targets).all()):
+        raise ValueError("targets must be finite")
+    if standardization is not None and not isinstance(standardization, Standardization):
+        raise TypeError(
+            f"standardization must be a Standardization, got {type(standardization).__name__}"
+        )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     feats = one_hot_features(x, levels, dtype)
     std = standardization or Standardization.of(feats)
+    if tuple(std.mean.shape) != (feats.shape[1],) or tuple(std.scale.shape) != (feats.shape[1],):
+        raise ValueError(
+            f"standardization must have {feats.shape[1]} feature means and scales, "
+            f"got {tuple(std.mean.shape)} and {tuple(std.scale.shape)}"
+        )
     feats = std.apply(feats)
     n, d = feats.shape
     tasks = targets.shape[1]
     if signs is None:
         signs = torch.ones(tasks, rank, dtype=dtype, device=feats.device)
+    _check_tensor("signs", signs)
     if signs.shape != (tasks, rank):
         raise ValueError(f"signs must be ({tasks}, {rank}), got {tuple(signs.shape)}")
+    if not bool((signs.abs() == 1).all()):
+        raise ValueError("signs must hold only +1 and -1")
     gen = torch.Generator().manual_seed(seed)
     mean = targets.to(torch.float64).mean(0).clamp_min(1e-6)
     w0 = torch.randn(tasks, rank, d, generator=gen, dtype=torch.float64) * (init_scale / d**0.5)

@@ -21,7 +21,27 @@ from __future__ import annotations
 
 import torch
 
+from implreg.factorizations.cp import _check_tensor
+
 Tensor = torch.Tensor
+
+
+def _check_inputs(factors: Tensor, x: Tensor) -> None:
+    """``factors`` floating ``(N, L, R)``; ``x`` integer ``(n, N)`` with values in ``0..L-1``."""
+    _check_tensor("factors", factors, floating=True)
+    _check_tensor("x", x, integer=True)
+    if factors.dim() != 3 or x.dim() != 2 or x.shape[1] != factors.shape[0]:
+        raise ValueError(
+            f"factors must be (N, L, R) and x (n, N); got {tuple(factors.shape)}, {tuple(x.shape)}"
+        )
+    levels = factors.shape[1]
+    if x.numel():
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= levels:
+            raise ValueError(
+                f"x must hold values in 0..{levels - 1} (the L = {levels} rows of each factor), "
+                f"got {low if low < 0 else high}"
+            )
 
 
 def _one_hot_sums(x: Tensor, table: Tensor) -> Tensor:
@@ -37,10 +57,7 @@ def _one_hot_sums(x: Tensor, table: Tensor) -> Tensor:
 
 def log_terms(factors: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(log|term_r|, sign_r)`` for each row of ``x`` (``(n, N)`` integers), each ``(n, R)``."""
-    if factors.dim() != 3 or x.dim() != 2 or x.shape[1] != factors.shape[0]:
-        raise ValueError(
-            f"factors must be (N, L, R) and x (n, N); got {tuple(factors.shape)}, {tuple(x.shape)}"
-        )
+    _check_inputs(factors, x)
     log_abs = _one_hot_sums(x, torch.log(factors.abs()))
     negatives = _one_hot_sums(x, (factors < 0).to(factors.dtype)).detach()
     sign = 1.0 - 2.0 * torch.remainder(negatives, 2.0)
@@ -69,6 +86,7 @@ def values(factors: Tensor, x: Tensor) -> Tensor:
 
 def plain_values(factors: Tensor, x: Tensor) -> Tensor:
     """The obvious product ``sum_r prod_n A_n[x_n, r]`` (over/underflows at high order)."""
+    _check_inputs(factors, x)
     n_idx = torch.arange(factors.shape[0])
     picked = factors[n_idx.unsqueeze(0), x.long(), :]  # (n, N, R)
     return picked.prod(dim=1).sum(dim=1)

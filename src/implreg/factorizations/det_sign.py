@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from implreg.factorizations.cp import _check_int, _check_real
+
 OBSERVED = np.array([[0.0, 1.0], [1.0, 1.0]])
 TARGET = np.array([[0.0, 1.0], [1.0, 0.0]])
 
@@ -100,8 +102,37 @@ def _forward(layers):
     return loss, w
 
 
-@njit(cache=True)
 def run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio):
+    """Run GD in place on ``layers`` (``(N, 2, 2)`` float64) until ``loss < loss_tol``.
+
+    Checks the arguments, then runs the compiled loop (:func:`_run_gd`, whose
+    docstring describes the step rules, the records and the returned status).
+    ``lr`` and ``record_ratio`` (in ``(0, 1]``) must be positive, ``flow_c`` finite
+    (``<= 0`` selects plain GD), ``loss_tol >= 0`` and ``max_steps`` a non-negative
+    integer; ``layers`` a writable C-contiguous float64 array ``(N, 2, 2)``.
+    """
+    if not isinstance(layers, np.ndarray):
+        raise TypeError(f"layers must be a numpy array (N, 2, 2), got {type(layers).__name__}")
+    if layers.dtype != np.float64:
+        raise TypeError(f"layers must be float64, got dtype {layers.dtype}")
+    if layers.ndim != 3 or layers.shape[0] < 1 or layers.shape[1:] != (2, 2):
+        raise ValueError(f"layers must have shape (N, 2, 2) with N >= 1, got {layers.shape}")
+    if not (layers.flags.c_contiguous and layers.flags.writeable):
+        raise ValueError("layers must be a writable C-contiguous array (it is updated in place)")
+    if not np.isfinite(layers).all():
+        raise ValueError("layers must be finite")
+    lr = _check_real("lr", lr, positive=True)
+    flow_c = _check_real("flow_c", flow_c)
+    loss_tol = _check_real("loss_tol", loss_tol, nonnegative=True)
+    max_steps = _check_int("max_steps", max_steps, minimum=0)
+    record_ratio = _check_real("record_ratio", record_ratio, positive=True)
+    if record_ratio > 1:
+        raise ValueError(f"record_ratio must lie in (0, 1], got {record_ratio}")
+    return _run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio)
+
+
+@njit(cache=True)
+def _run_gd(layers, lr, flow_c, loss_tol, max_steps, record_ratio):
     """Run GD in place on ``layers`` (``(N, 2, 2)`` float64) until ``loss < loss_tol``.
 
     ``flow_c <= 0`` selects plain GD with step ``lr``; ``flow_c > 0`` the
@@ -188,6 +219,10 @@ def init_layers(depth: int, init: str, end_std: float, rng: np.random.Generator)
     ``M = U S V^T``, ``W_1 = S^{1/N} V^T``, ``W_j = S^{1/N}``, ``W_N = U S^{1/N}`` so that
     ``W_{j+1}^T W_{j+1} = W_j W_j^T``.
     """
+    depth = _check_int("depth", depth, minimum=1)
+    end_std = _check_real("end_std", end_std, positive=True)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     if init == "random":
         s = (end_std / 2 ** ((depth - 1) / 2)) ** (1.0 / depth)
         layers = rng.normal(0.0, s, size=(depth, 2, 2))
@@ -207,10 +242,14 @@ def init_layers(depth: int, init: str, end_std: float, rng: np.random.Generator)
             return (u @ np.diag(sv) @ vt)[None]
         mids = [root.copy() for _ in range(depth - 2)]
         return np.stack([root @ vt, *mids, u @ root])
-    raise ValueError(f"unknown init {init!r}")
+    raise ValueError(f"unknown init {init!r}; use 'random' or 'balanced'")
 
 
 def product(layers: np.ndarray) -> np.ndarray:
+    """End matrix ``W_N ... W_1`` of layers ``(N, 2, 2)``."""
+    layers = np.asarray(layers)
+    if layers.ndim != 3 or layers.shape[0] < 1 or layers.shape[1:] != (2, 2):
+        raise ValueError(f"layers must have shape (N, 2, 2) with N >= 1, got {layers.shape}")
     w = layers[0]
     for layer in layers[1:]:
         w = layer @ w

@@ -29,6 +29,16 @@ from collections.abc import Sequence
 
 import torch
 
+from implreg.factorizations.cp import (
+    _check_finite,
+    _check_float_dtype,
+    _check_generator,
+    _check_int,
+    _check_positive_list,
+    _check_same_device,
+    _check_targets,
+    _check_tensor,
+)
 from implreg.losses import PointwiseLoss
 
 Tensor = torch.Tensor
@@ -37,28 +47,80 @@ SCHEMES = ("gaussian", "balanced", "orthogonal", "identity")
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
-    dims = tuple(int(d) for d in shape)
-    if len(dims) != 2 or any(d < 1 for d in dims):
+    if isinstance(shape, (str, bytes, Tensor)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a pair (n_rows, n_cols), got {type(shape).__name__}")
+    if len(shape) != 2:
         raise ValueError(f"shape must be two positive sizes (n_rows, n_cols), got {tuple(shape)}")
-    return dims[0], dims[1]
+    return (
+        _check_int("shape[0] (n_rows)", shape[0], minimum=1),
+        _check_int("shape[1] (n_cols)", shape[1], minimum=1),
+    )
 
 
-def _check_layers(layers: Sequence[Tensor]) -> int:
+def _check_layers(layers: Sequence[Tensor], name: str = "layers") -> int:
+    """Layers ``(B, d_{j+1}, d_j)`` that chain, with one batch, floating dtype and device."""
+    if isinstance(layers, Tensor) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence of tensors (B, d_out, d_in), got {type(layers).__name__}"
+        )
     if len(layers) < 1:
-        raise ValueError("a deep matrix factorization needs at least one layer")
-    batch = layers[0].shape[0]
+        raise ValueError(f"{name} must hold at least one layer (a depth >= 1), got none")
+    for j, w in enumerate(layers):
+        if not isinstance(w, Tensor):
+            raise TypeError(
+                f"{name}[{j}] must be a tensor (B, d_out, d_in), got {type(w).__name__}"
+            )
+        if not w.is_floating_point():
+            raise TypeError(f"{name}[{j}] must be a floating-point tensor, got dtype {w.dtype}")
+    batch = layers[0].shape[0] if layers[0].dim() == 3 else None
     for j, w in enumerate(layers):
         if w.dim() != 3 or w.shape[0] != batch:
             raise ValueError(
                 "every layer must have shape (B, d_out, d_in) with the same B; "
-                f"got {[tuple(x.shape) for x in layers]}"
+                f"got {name} of shapes {[tuple(x.shape) for x in layers]}"
             )
         if j > 0 and w.shape[2] != layers[j - 1].shape[1]:
             raise ValueError(
-                f"layer {j} takes {w.shape[2]} inputs but layer {j - 1} has "
+                f"{name}[{j}] takes {w.shape[2]} inputs but {name}[{j - 1}] has "
                 f"{layers[j - 1].shape[1]} outputs"
             )
+        if w.dtype != layers[0].dtype:
+            raise TypeError(f"{name}[{j}] has dtype {w.dtype} but {name}[0] has {layers[0].dtype}")
+        _check_same_device(f"{name}[{j}]", w, f"{name}[0]", layers[0])
     return batch
+
+
+def _check_engine_layers(layers: Sequence[Tensor], shape: tuple[int, int], y: Tensor) -> None:
+    """Per-call check that ``layers`` map ``n_cols`` to ``n_rows`` with ``y``'s dtype and device.
+
+    Runs on every step: the accepted case costs only shape, dtype and device compares.
+    """
+    try:
+        if len(layers) >= 1:
+            dtype, batch, width = y.dtype, layers[0].shape[0], shape[1]
+            for w in layers:
+                s = w.shape
+                if len(s) != 3 or s[0] != batch or s[2] != width or w.dtype != dtype:
+                    break
+                width = s[1]
+            else:
+                if width == shape[0] and layers[0].device == y.device:
+                    return
+    except (AttributeError, TypeError, IndexError):
+        pass
+    _check_layers(layers)
+    end = (layers[-1].shape[1], layers[0].shape[2])
+    if end != shape:
+        raise ValueError(
+            f"layers must give a {shape[0]} x {shape[1]} end matrix (layers[0] taking {shape[1]} "
+            f"inputs, layers[-1] giving {shape[0]} outputs), got {end[0]} x {end[1]}"
+        )
+    if layers[0].dtype != y.dtype:
+        raise TypeError(
+            f"layers have dtype {layers[0].dtype} but the observations y have dtype {y.dtype}; "
+            "convert one to the other"
+        )
+    _check_same_device("layers", layers[0], "y", y)
 
 
 def layer_sizes(shape: Sequence[int], depth: int, widths: Sequence[int] | None = None) -> list[int]:
@@ -80,18 +142,20 @@ def layer_sizes(shape: Sequence[int], depth: int, widths: Sequence[int] | None =
         ``N + 1`` sizes.
     """
     n_rows, n_cols = _check_shape(shape)
-    if isinstance(depth, bool) or int(depth) != depth or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
-    depth = int(depth)
+    depth = _check_int("depth", depth, minimum=1)
     if widths is None:
         hidden = [min(n_rows, n_cols)] * (depth - 1)
     else:
-        hidden = [int(w) for w in widths]
-        if len(hidden) != depth - 1 or any(w < 1 for w in hidden):
+        if isinstance(widths, (str, bytes, Tensor)) or not isinstance(widths, Sequence):
+            raise TypeError(
+                f"widths must be a sequence of hidden sizes, got {type(widths).__name__}"
+            )
+        if len(widths) != depth - 1:
             raise ValueError(
                 f"widths must be {depth - 1} positive hidden sizes for depth {depth}, "
                 f"got {list(widths)}"
             )
+        hidden = [_check_int(f"widths[{j}]", w, minimum=1) for j, w in enumerate(widths)]
     return [n_cols, *hidden, n_rows]
 
 
@@ -169,11 +233,9 @@ def mf_init(
     n_rows, n_cols = _check_shape(shape)
     sizes = layer_sizes(shape, depth, widths)
     depth = len(sizes) - 1
-    scale_list = [float(s) for s in scales]
-    if not scale_list or not all(math.isfinite(s) and s > 0 for s in scale_list):
-        raise ValueError(
-            f"scales must be a non-empty list of positive finite numbers, got {scales}"
-        )
+    scale_list = _check_positive_list("scales", scales)
+    _check_generator("generator", generator)
+    _check_float_dtype("dtype", dtype)
     if scheme not in SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     if positive_det and n_rows != n_cols:
@@ -275,6 +337,9 @@ def mf_layer_grads(layers: Sequence[Tensor], g_end: Tensor) -> list[Tensor]:
     """
     batch = _check_layers(layers)
     expected = (batch, layers[-1].shape[1], layers[0].shape[2])
+    _check_tensor("g_end", g_end, floating=True)
+    if g_end.dtype != layers[0].dtype:
+        raise TypeError(f"g_end has dtype {g_end.dtype} but layers have {layers[0].dtype}")
     if tuple(g_end.shape) != expected:
         raise ValueError(f"g_end must have shape {expected}, got {tuple(g_end.shape)}")
     return _layer_grads(layers, _prefix_products(layers), g_end)
@@ -291,11 +356,15 @@ class MatrixCompletion:
         Integer tensors ``(m,)`` of observed positions (repeats allowed: each
         counts as one observation).
     y : Tensor
-        Observed values ``(m,)``.
+        Observed values ``(m,)``: finite, floating, on the device of ``rows``; the
+        layers given to the methods must have its dtype and device.
     """
 
     def __init__(self, shape: Sequence[int], rows: Tensor, cols: Tensor, y: Tensor):
         self.shape = _check_shape(shape)
+        _check_tensor("rows", rows, integer=True)
+        _check_tensor("cols", cols, integer=True)
+        _check_tensor("y", y, floating=True)
         if rows.dim() != 1 or rows.shape != cols.shape or y.shape != rows.shape:
             raise ValueError(
                 "rows, cols and y must be 1-D of the same length, got "
@@ -303,13 +372,19 @@ class MatrixCompletion:
             )
         if rows.numel() == 0:
             raise ValueError("matrix completion needs at least one observed entry")
+        _check_same_device("cols", cols, "rows", rows)
+        _check_same_device("y", y, "rows", rows)
+        _check_finite("y", y)
         rows = rows.to(torch.int64)
         cols = cols.to(torch.int64)
         n_rows, n_cols = self.shape
-        if bool(
-            (rows < 0).any() | (rows >= n_rows).any() | (cols < 0).any() | (cols >= n_cols).any()
-        ):
-            raise ValueError(f"observed positions must lie inside the {n_rows} x {n_cols} matrix")
+        for name, pos, size in (("rows", rows, n_rows), ("cols", cols, n_cols)):
+            low, high = int(pos.min()), int(pos.max())
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"{name} must lie in [0, {size}) for a {n_rows} x {n_cols} matrix, "
+                    f"got {low if low < 0 else high}"
+                )
         self.rows, self.cols = rows, cols
         self.lin = rows * n_cols + cols
         self.y = y
@@ -318,13 +393,15 @@ class MatrixCompletion:
 
     def predict(self, layers: Sequence[Tensor]) -> Tensor:
         """Entries of ``W_e`` at the observations, ``(B, m)``."""
-        w = mf_product(layers)
+        _check_engine_layers(layers, self.shape, self.y)
+        w = _prefix_products(layers)[-1]
         return w.reshape(w.shape[0], -1).index_select(1, self.lin)
 
     def loss_and_grad(
         self, layers: Sequence[Tensor], loss: PointwiseLoss
     ) -> tuple[Tensor, list[Tensor]]:
         """Mean loss per batch entry ``(B,)`` and the gradient for every layer."""
+        _check_engine_layers(layers, self.shape, self.y)
         prefix = _prefix_products(layers)
         w = prefix[-1]
         batch = w.shape[0]
@@ -348,32 +425,38 @@ class MatrixSensing:
         ``(m, n_rows * n_cols)``: row ``i`` is the row-major vectorization of the
         measurement matrix ``A_i`` (one matrix for all measurements).
     y : Tensor
-        Measurements ``(m,)``.
+        Measurements ``(m,)``, finite, of ``A``'s dtype and device (which the layers
+        given to the methods must share).
     """
 
     def __init__(self, shape: Sequence[int], A: Tensor, y: Tensor):
         self.shape = _check_shape(shape)
         self.size = self.shape[0] * self.shape[1]
+        _check_tensor("A", A, floating=True)
         if A.dim() != 2 or A.shape[1] != self.size:
             raise ValueError(
                 f"A must have shape (m, {self.size}) (one row per measurement), "
                 f"got {tuple(A.shape)}"
             )
-        if y.shape != (A.shape[0],):
-            raise ValueError(f"y must have shape ({A.shape[0]},), got {tuple(y.shape)}")
+        if A.shape[0] < 1:
+            raise ValueError("A must hold at least one measurement (row), got 0")
+        _check_finite("A", A)
+        _check_targets("y", y, int(A.shape[0]), like=A, like_name="A")
         self.A = A
         self.y = y
         self.m = int(A.shape[0])
 
     def predict(self, layers: Sequence[Tensor]) -> Tensor:
         """Measurements ``<A_i, W_e>`` of the end matrix, ``(B, m)``."""
-        w = mf_product(layers)
+        _check_engine_layers(layers, self.shape, self.y)
+        w = _prefix_products(layers)[-1]
         return w.reshape(w.shape[0], -1) @ self.A.T
 
     def loss_and_grad(
         self, layers: Sequence[Tensor], loss: PointwiseLoss
     ) -> tuple[Tensor, list[Tensor]]:
         """Mean loss per batch entry ``(B,)`` and the gradient for every layer."""
+        _check_engine_layers(layers, self.shape, self.y)
         prefix = _prefix_products(layers)
         w = prefix[-1]
         batch = w.shape[0]

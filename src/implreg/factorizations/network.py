@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from implreg.factorizations.cp import _check_dims, _check_float_dtype, _check_int, _factor_error
+
 Tensor = torch.Tensor
 
 
@@ -50,6 +52,8 @@ class CPNetwork(nn.Module):
 
     Raises
     ------
+    TypeError
+        If a mode size or the rank is not an integer, or ``dtype`` is not floating.
     ValueError
         If ``dims`` is empty or a mode size or the rank is not positive.
 
@@ -64,11 +68,11 @@ class CPNetwork(nn.Module):
         self, dims: Sequence[int], rank: int, *, dtype: torch.dtype = torch.float32
     ) -> None:
         super().__init__()
-        dims = [int(d) for d in dims]
-        if not dims or any(d < 1 for d in dims) or int(rank) < 1:
-            raise ValueError(f"mode sizes and rank must be positive, got dims={dims}, rank={rank}")
+        dims = _check_dims("dims", dims)
+        rank = _check_int("rank", rank, minimum=1)
+        _check_float_dtype("dtype", dtype)
         self.dims: list[int] = dims
-        self.rank: int = int(rank)
+        self.rank: int = rank
         self.filters = nn.ParameterList(
             [nn.Parameter(torch.zeros(d, self.rank, dtype=dtype)) for d in dims]
         )
@@ -91,11 +95,14 @@ class CPNetwork(nn.Module):
 
         Raises
         ------
+        TypeError
+            If ``factors`` is not a sequence of floating-point tensors of one dtype.
         ValueError
             If ``factors`` is empty, a factor is not 3-D, ``B != 1``, or the ranks differ.
         """
-        if len(factors) < 1:
-            raise ValueError("from_factors needs at least one factor")
+        err = _factor_error("factors", factors, None, None)
+        if err is not None:
+            raise err
         rank = factors[0].shape[-1]
         if any(f.dim() != 3 or f.shape[0] != 1 or f.shape[2] != rank for f in factors):
             raise ValueError(

@@ -13,7 +13,85 @@ from dataclasses import dataclass
 
 import torch
 
+from implreg.factorizations.cp import _check_int, _check_real
+
 Tensor = torch.Tensor
+
+
+def _check_rate(name: str, value) -> float:
+    return _check_real(name, value, positive=True)
+
+
+def _check_beta(name: str, value) -> float:
+    out = _check_real(name, value)
+    if not 0 <= out < 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {out}")
+    return out
+
+
+def _step_error(params, grads, active) -> Exception:
+    """Why ``(params, grads, active)`` do not fit a step (the slow path of the cheap check)."""
+    for name, seq in (("params", params), ("grads", grads)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            return TypeError(f"{name} must be a sequence of tensors, got {type(seq).__name__}")
+        for i, x in enumerate(seq):
+            if not isinstance(x, Tensor):
+                return TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
+            if x.dim() < 1:
+                return ValueError(f"{name}[{i}] must have a leading batch axis, got a 0-d tensor")
+    if len(params) < 1:
+        return ValueError("params must hold at least one tensor, got none")
+    if len(grads) != len(params):
+        return ValueError(
+            f"grads must hold one tensor per parameter ({len(params)}), got {len(grads)}"
+        )
+    batch = params[0].shape[0]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.shape[0] != batch:
+            return ValueError(
+                f"params[{i}] has {p.shape[0]} runs on its first axis but params[0] has {batch}"
+            )
+        if g.shape != p.shape:
+            return ValueError(
+                f"grads[{i}] must have the shape {tuple(p.shape)} of params[{i}], "
+                f"got {tuple(g.shape)}"
+            )
+    if not isinstance(active, Tensor):
+        return TypeError(f"active must be a bool tensor ({batch},), got {type(active).__name__}")
+    if active.dtype != torch.bool:
+        return TypeError(f"active must be a bool tensor, got dtype {active.dtype}")
+    return ValueError(
+        f"active must have shape ({batch},) (one flag per run), got {tuple(active.shape)}"
+    )
+
+
+def _check_step(params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
+    """Per-step check of a step's arguments: shape and dtype compares only (no sync)."""
+    try:
+        if len(params) == len(grads) and active.dtype == torch.bool:
+            batch = params[0].shape[0]
+            if active.shape == (batch,):
+                for p, g in zip(params, grads):
+                    shape = p.shape
+                    if shape != g.shape or shape[0] != batch:
+                        break
+                else:
+                    return
+    except (AttributeError, TypeError, IndexError):
+        pass
+    raise _step_error(params, grads, active)
+
+
+def _check_keep(keep, size: int | None) -> list[int]:
+    """Positions of the runs to keep: distinct integers in ``[0, size)``."""
+    if isinstance(keep, (str, bytes, Tensor)) or not isinstance(keep, Sequence):
+        raise TypeError(f"keep must be a sequence of run positions, got {type(keep).__name__}")
+    out = [_check_int(f"keep[{i}]", k, minimum=0) for i, k in enumerate(keep)]
+    if size is not None and any(k >= size for k in out):
+        raise ValueError(f"keep must hold positions in [0, {size}), got {out}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"keep must not repeat a position, got {out}")
+    return out
 
 
 def _per_run(x: Tensor, like: Tensor) -> Tensor:
@@ -31,6 +109,8 @@ def _apply(params: Sequence[Tensor], updates: Sequence[Tensor], active: Tensor) 
 
 def squared_norms(grads: Sequence[Tensor]) -> Tensor:
     """``||g||^2`` of the concatenation of ``grads`` for each run, in float64, ``(B,)``."""
+    if len(grads) < 1:
+        raise ValueError("grads must hold at least one tensor, got none")
     out = None
     for g in grads:
         sq = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64)
@@ -45,13 +125,15 @@ class GD:
     name = "gd"
 
     def __init__(self, lr: float):
-        self.lr = float(lr)
+        self.lr = _check_rate("lr", lr)
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
+        _check_step(params, grads, active)
         _apply(params, [g * self.lr for g in grads], active)
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only the runs at positions ``keep`` (GD has no state)."""
+        _check_keep(keep, None)
 
     def state_dict(self) -> dict:
         return {}
@@ -73,16 +155,25 @@ class AdaptiveGD:
     name = "adaptive"
 
     def __init__(self, lr: float, *, beta: float = 0.99, eps: float = 1e-6):
-        self.lr, self.beta, self.eps = float(lr), float(beta), float(eps)
+        self.lr = _check_rate("lr", lr)
+        self.beta = _check_beta("beta", beta)
+        self.eps = _check_rate("eps", eps)
         self.v: list[float] = []
         self.t: list[int] = []
 
     def step_sizes(self, grads: Sequence[Tensor], active: Sequence[bool]) -> list[float]:
         """Advance ``v`` and ``t`` of active runs and return ``eta_t`` per run."""
         sq = squared_norms(grads).tolist()
+        if len(active) != len(sq):
+            raise ValueError(f"active must hold one flag per run ({len(sq)}), got {len(active)}")
         if not self.v:
             self.v = [0.0] * len(sq)
             self.t = [0] * len(sq)
+        elif len(self.v) != len(sq):
+            raise ValueError(
+                f"the optimizer holds the state of {len(self.v)} runs but grads have "
+                f"{len(sq)}; call compact(keep) when runs drop out"
+            )
         eta = []
         for b, s2 in enumerate(sq):
             if active[b]:
@@ -96,6 +187,7 @@ class AdaptiveGD:
         return eta
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
+        _check_step(params, grads, active)
         act = active.tolist()
         eta = self.step_sizes(grads, act)
         if len(act) == 1:
@@ -112,6 +204,7 @@ class AdaptiveGD:
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only the state of the runs at positions ``keep``."""
+        keep = _check_keep(keep, len(self.v) if self.v else None)
         if self.v:
             self.v = [self.v[i] for i in keep]
             self.t = [self.t[i] for i in keep]
@@ -120,6 +213,13 @@ class AdaptiveGD:
         return {"v": list(self.v), "t": list(self.t)}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"v", "t"} <= state.keys():
+            raise ValueError("state must be a dict with the keys 'v' and 't' (from state_dict())")
+        if len(state["v"]) != len(state["t"]):
+            raise ValueError(
+                f"state['v'] and state['t'] must have one entry per run, got "
+                f"{len(state['v'])} and {len(state['t'])}"
+            )
         self.v, self.t = list(state["v"]), list(state["t"])
 
 
@@ -129,17 +229,28 @@ class Adam:
     name = "adam"
 
     def __init__(self, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.lr = _check_rate("lr", lr)
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_check_beta("betas[0]", betas[0]), _check_beta("betas[1]", betas[1]))
+        self.eps = _check_rate("eps", eps)
         self.m: list[Tensor] | None = None
         self.v: list[Tensor] | None = None
         self.t: Tensor | None = None
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
+        _check_step(params, grads, active)
         b1, b2 = self.betas
         if self.m is None or self.v is None or self.t is None:
             self.m = [torch.zeros_like(g) for g in grads]
             self.v = [torch.zeros_like(g) for g in grads]
             self.t = torch.zeros(grads[0].shape[0], dtype=torch.float64)
+        elif len(self.m) != len(grads) or any(m.shape != g.shape for m, g in zip(self.m, grads)):
+            raise ValueError(
+                f"the optimizer holds moments of shapes {[tuple(m.shape) for m in self.m]} but "
+                f"grads have {[tuple(g.shape) for g in grads]}; call compact(keep) when runs "
+                "drop out"
+            )
         self.t = self.t + active.to(torch.float64)
         c1 = 1.0 - torch.pow(b1, self.t)
         c2 = 1.0 - torch.pow(b2, self.t)
@@ -160,6 +271,7 @@ class Adam:
 
     def compact(self, keep: Sequence[int]) -> None:
         """Keep only the state of the runs at positions ``keep``."""
+        keep = _check_keep(keep, None if self.t is None else int(self.t.shape[0]))
         if self.m is not None and self.v is not None and self.t is not None:
             self.m = [x[list(keep)] for x in self.m]
             self.v = [x[list(keep)] for x in self.v]
@@ -178,6 +290,10 @@ class Adam:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"m", "v", "t"} <= state.keys():
+            raise ValueError(
+                "state must be a dict with the keys 'm', 'v' and 't' (from state_dict())"
+            )
         self.m = None if state["m"] is None else [t.clone() for t in state["m"]]
         self.v = None if state["v"] is None else [t.clone() for t in state["v"]]
         self.t = None if state["t"] is None else state["t"].clone()
@@ -185,12 +301,12 @@ class Adam:
 
 def make_optimizer(name: str, *, lr: float, eps: float | None = None, beta: float = 0.99):
     """Optimizer by name: ``adaptive`` (the papers'), ``gd`` or ``adam``."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr}")
-    if eps is not None and not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps}")
-    if not 0 <= beta < 1:
-        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    lr = _check_rate("lr", lr)
+    if eps is not None:
+        eps = _check_rate("eps", eps)
+    beta = _check_beta("beta", beta)
     if name == "adaptive":
         return AdaptiveGD(lr, beta=beta, eps=1e-6 if eps is None else eps)
     if name == "gd":
@@ -214,7 +330,14 @@ class StopRule:
     check_every: int
     max_iterations: int
 
+    def __post_init__(self) -> None:
+        self.tol = _check_real("tol", self.tol, nonnegative=True)
+        self.patience = _check_int("patience", self.patience, minimum=1)
+        self.check_every = _check_int("check_every", self.check_every, minimum=1)
+        self.max_iterations = _check_int("max_iterations", self.max_iterations, minimum=0)
+
     def init_state(self, batch: int) -> dict:
+        batch = _check_int("batch", batch, minimum=0)
         return {
             "streak": [0] * batch,
             "status": ["running"] * batch,
@@ -226,6 +349,10 @@ class StopRule:
 
         Returns ``(run, message)`` pairs for runs stopped by a non-finite loss.
         """
+        if len(loss) != len(state["status"]):
+            raise ValueError(
+                f"loss must hold one value per run ({len(state['status'])}), got {len(loss)}"
+            )
         msgs = []
         for b, value in enumerate(loss):
             if state["status"][b] != "running":

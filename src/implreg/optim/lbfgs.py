@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from implreg.factorizations.cp import _check_int, _check_real
+
 Tensor = torch.Tensor
 GradientOf = Callable[[Tensor], Tensor]
 Objective = Callable[[Tensor, Tensor], tuple[Tensor, GradientOf]]
@@ -68,8 +70,25 @@ def minimize(
     ``callback(iteration, losses)`` is called after every iteration; returning
     True stops the minimization there.
     """
+    if not callable(fun):
+        raise TypeError(f"fun must be callable, got {type(fun).__name__}")
+    if not isinstance(x0, Tensor) or not x0.is_floating_point():
+        raise TypeError(
+            "x0 must be a floating-point tensor (batch, parameters), got "
+            + (f"dtype {x0.dtype}" if isinstance(x0, Tensor) else type(x0).__name__)
+        )
     if x0.dim() != 2:
         raise ValueError(f"x0 must be (batch, parameters), got shape {tuple(x0.shape)}")
+    max_iter = _check_int("max_iter", max_iter, minimum=0)
+    memory = _check_int("memory", memory, minimum=1)
+    c1 = _check_real("c1", c1)
+    if not 0 < c1 < 1:
+        raise ValueError(f"c1 (the Armijo constant) must lie in (0, 1), got {c1}")
+    max_backtracks = _check_int("max_backtracks", max_backtracks, minimum=1)
+    rel_tol = _check_real("rel_tol", rel_tol, nonnegative=True)
+    record_every = _check_int("record_every", record_every, minimum=0)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     x = x0.detach().clone()
     batch = x.shape[0]
     dev = x.device

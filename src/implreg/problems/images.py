@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from implreg.factorizations.cp import _check_int
 
 DATASETS = ("mnist", "fashion-mnist")
 ENV_DATA_DIR = "IMPLREG_DATA_DIR"
@@ -128,16 +131,39 @@ def discretize(images: np.ndarray, levels: int = 2) -> np.ndarray:
 
     Gray levels split 0..255 into ``levels`` equal bins.  Returns ``(n, H*W)`` uint8.
     """
-    if levels < 2 or levels > 256:
-        raise ValueError(f"levels must lie in 2..256, got {levels}")
+    levels = _check_levels(levels)
+    images = np.asarray(images)
+    if images.ndim < 2:
+        raise ValueError(f"images must be (n, height, width), got shape {images.shape}")
+    if not np.issubdtype(images.dtype, np.integer):
+        raise TypeError(f"images must hold integer byte values 0..255, got dtype {images.dtype}")
+    if images.size and (int(images.min()) < 0 or int(images.max()) > 255):
+        raise ValueError(
+            f"images must hold byte values 0..255, got {int(images.min())}..{int(images.max())}"
+        )
     flat = images.reshape(images.shape[0], -1).astype(np.int64)
     if levels == 2:
         return (flat >= 128).astype(np.uint8)
     return np.minimum(flat * levels // 256, levels - 1).astype(np.uint8)
 
 
+def _check_levels(levels) -> int:
+    levels = _check_int("levels", levels)
+    if levels < 2 or levels > 256:
+        raise ValueError(f"levels must lie in 2..256, got {levels}")
+    return levels
+
+
+def _check_rng(rng) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
+
+
 def one_vs_all(labels: np.ndarray, cls: int) -> np.ndarray:
     """Labels 1.0 for class ``cls`` and 0.0 otherwise (the paper's 0/1 scale)."""
+    cls = _check_int("cls", cls)
+    labels = np.asarray(labels)
     if not 0 <= cls <= 9:
         raise ValueError(f"the class must lie in 0-9, got {cls}")
     return (labels == cls).astype(np.float64)
@@ -145,11 +171,20 @@ def one_vs_all(labels: np.ndarray, cls: int) -> np.ndarray:
 
 def rand_image(shape: tuple[int, ...], *, levels: int, rng: np.random.Generator) -> np.ndarray:
     """The "rand image" variant: i.i.d. uniform pixel indices (Bernoulli(1/2) for two levels)."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    shape = tuple(_check_int(f"shape[{i}]", d, minimum=0) for i, d in enumerate(shape))
+    levels = _check_levels(levels)
+    _check_rng(rng)
     return rng.integers(0, levels, size=shape, dtype=np.uint8)
 
 
 def rand_label(labels: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
     """The "rand label" variant: a seeded permutation of the labels of one split."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional (n,), got shape {labels.shape}")
+    _check_rng(rng)
     return labels[rng.permutation(labels.shape[0])]
 
 
@@ -179,6 +214,17 @@ def image_task(
     """One-vs-all task of class ``cls`` for ``variant`` in {original, rand_image, rand_label}."""
     if variant not in {"original", "rand_image", "rand_label"}:
         raise ValueError(f"unknown variant {variant!r}; use original, rand_image or rand_label")
+    cls = _check_int("cls", cls)
+    if not 0 <= cls <= 9:
+        raise ValueError(f"the class must lie in 0-9, got {cls}")
+    levels = _check_levels(levels)
+    seed = _check_int("seed", seed, minimum=0)
+    for split in ("train", "test"):
+        if not isinstance(data, Mapping) or not isinstance(data.get(split), ImageSplit):
+            raise TypeError(
+                "data must map 'train' and 'test' to ImageSplit (as load_dataset returns), "
+                f"got {type(data).__name__} without an ImageSplit for {split!r}"
+            )
     rng = np.random.default_rng(seed)
     parts = {}
     for split in ("train", "test"):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from implreg.factorizations.cp import _check_int
+
 __all__ = ["PatchCentroids", "extract_patches", "patch_task_inputs"]
 
 _ENCODE_CHUNK = 1 << 18  # patches per distance block: 2**18 x k float64 scores
@@ -107,13 +109,15 @@ class PatchCentroids:
     def __post_init__(self) -> None:
         cents = np.ascontiguousarray(self.centroids, dtype=np.float32)
         object.__setattr__(self, "centroids", cents)
-        object.__setattr__(self, "size", int(self.size))
-        object.__setattr__(self, "stride", int(self.stride))
+        object.__setattr__(self, "size", _check_int("size", self.size, minimum=1))
+        object.__setattr__(self, "stride", _check_int("stride", self.stride))
         if cents.ndim != 2 or cents.shape[1] != self.size * self.size:
             raise ValueError(
                 f"centroids must be (k, {self.size * self.size}) for {self.size} x {self.size} "
                 f"patches, got shape {cents.shape}"
             )
+        if not np.isfinite(cents).all():
+            raise ValueError("centroids must be finite")
         if cents.shape[0] < 2:
             raise ValueError(f"need at least 2 centroids, got {cents.shape[0]}")
         if self.stride < 1:
@@ -145,8 +149,14 @@ class PatchCentroids:
         """
         if int(k) != k or k < 2:
             raise ValueError(f"k must be an integer >= 2, got {k}")
+        n_init = _check_int("n_init", n_init)
         if n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {n_init}")
+        seed = _check_int("seed", seed, minimum=0)
+        if max_patches is not None:
+            max_patches = _check_int("max_patches", max_patches)
+            if max_patches < 1:
+                raise ValueError(f"max_patches must be >= 1, got {max_patches}")
         unit = _unit_images(images)
         view, size, stride = _grid(unit, size, stride)
         n, rows, cols = view.shape[:3]

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-from implreg.factorizations.cp import cp_frobenius_norm, cp_to_tensor, cp_values
+from implreg.factorizations.cp import (
+    _check_dims,
+    _check_factors,
+    _check_float_dtype,
+    _check_generator,
+    _check_int,
+    _check_real,
+    cp_frobenius_norm,
+    cp_to_tensor,
+    cp_values,
+)
 
 Tensor = torch.Tensor
 
@@ -21,6 +31,13 @@ class CPTensor:
     """A tensor held in CP form: factors of shape ``(1, d_n, rank)``."""
 
     factors: list[Tensor]
+
+    def __post_init__(self) -> None:
+        batch, _ = _check_factors(self.factors)
+        if batch != 1:
+            raise ValueError(
+                f"factors of a CPTensor must have shape (1, d_n, rank), got batch {batch}"
+            )
 
     @property
     def dims(self) -> list[int]:
@@ -55,13 +72,11 @@ def low_cp_rank_tensor(
     Razin et al. 2021, Figure 3 (order 4, modes of size 10, rank 5, norm 1).  The rescaling is
     spread evenly over the factors and computed without building the tensor.
     """
-    dims = [int(d) for d in dims]
-    if any(d < 1 for d in dims):
-        raise ValueError(f"mode sizes must be positive, got {dims}")
-    if rank < 1:
-        raise ValueError(f"ground-truth rank must be positive, got {rank}")
-    if not (math.isfinite(norm) and norm > 0):
-        raise ValueError(f"ground-truth norm must be positive and finite, got {norm}")
+    dims = _check_dims("dims", dims)
+    rank = _check_int("rank", rank, minimum=1)
+    norm = _check_real("norm", norm, positive=True)
+    _check_generator("generator", generator)
+    _check_float_dtype("dtype", dtype)
     factors = [torch.randn(1, d, rank, generator=generator, dtype=torch.float64) for d in dims]
     current = float(cp_frobenius_norm(factors)[0])
     scale = (norm / current) ** (1.0 / len(dims))
@@ -75,10 +90,12 @@ def sample_indices(dims: Sequence[int], m: int, *, generator: torch.Generator) -
     permutation is drawn; for large ones tuples are drawn and de-duplicated
     until ``m`` distinct ones remain (order of first draw kept).
     """
-    dims = [int(d) for d in dims]
+    dims = _check_dims("dims", dims)
     size = math.prod(dims)
+    m = _check_int("m", m)
     if m < 1:
-        raise ValueError(f"the number of observations must be positive, got {m}")
+        raise ValueError(f"m, the number of observations, must be positive, got {m}")
+    _check_generator("generator", generator)
     if m > size:
         raise ValueError(
             f"cannot observe {m} distinct entries of a tensor with only {size} entries"
@@ -117,6 +134,8 @@ class Completion:
 
 def completion_problem(truth: CPTensor, m: int, *, generator: torch.Generator) -> Completion:
     """Observe ``m`` entries of ``truth`` drawn uniformly without replacement."""
+    if not isinstance(truth, CPTensor):
+        raise TypeError(f"truth must be a CPTensor, got {type(truth).__name__}")
     idx = sample_indices(truth.dims, m, generator=generator)
     return Completion(truth, idx, truth.values(idx))
 
@@ -148,8 +167,12 @@ def sensing_problem(truth: CPTensor, m: int, *, kind: str, generator: torch.Gene
     ``kind='rank_one'``: ``X_i = x_i^1 (x) ... (x) x_i^N`` with ``x_i^n ~ N(0, I/d_n)``,
     so each entry of ``X_i`` also has variance ``1/#entries``; never built.
     """
+    if not isinstance(truth, CPTensor):
+        raise TypeError(f"truth must be a CPTensor, got {type(truth).__name__}")
+    m = _check_int("m", m)
     if m < 1:
-        raise ValueError(f"the number of measurements must be positive, got {m}")
+        raise ValueError(f"m, the number of measurements, must be positive, got {m}")
+    _check_generator("generator", generator)
     dtype = truth.factors[0].dtype
     if kind == "gaussian":
         size = truth.size
@@ -177,11 +200,13 @@ def low_rank_matrix(
     Arora et al. 2019: 100 x 100, rank 5, norm 100 (entries of RMS 1).
     Float64.
     """
-    n_rows, n_cols = (int(s) for s in shape)
-    if n_rows < 1 or n_cols < 1 or rank < 1:
-        raise ValueError(f"matrix sizes and rank must be positive, got {shape}, rank {rank}")
-    if not (math.isfinite(norm) and norm > 0):
-        raise ValueError(f"the ground-truth norm must be positive and finite, got {norm}")
+    sizes = _check_dims("shape", shape)
+    if len(sizes) != 2:
+        raise ValueError(f"shape must be two sizes (n_rows, n_cols), got {tuple(sizes)}")
+    n_rows, n_cols = sizes
+    rank = _check_int("rank", rank, minimum=1)
+    norm = _check_real("norm", norm, positive=True)
+    _check_generator("generator", generator)
     u = torch.randn(n_rows, rank, generator=generator, dtype=torch.float64)
     v = torch.randn(n_cols, rank, generator=generator, dtype=torch.float64)
     w = u @ v.T
