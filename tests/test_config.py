@@ -113,7 +113,8 @@ def test_overrides_parse_types_and_refuse_bad_keys():
         (["rank=1", "rank=2"], "'rank' is set twice"),
         (["frac=nan"], "frac must be a finite number"),
         (["flag=maybe"], "flag must be true or false"),
-        ({"rank": 2.0}, "rank must be of type int"),
+        ({"rank": 2.5}, "rank must be of type int"),
+        ({"rank": 1e300}, "rank must be of type int"),
     ]:
         with pytest.raises(ConfigError, match=message):
             with_overrides(Demo(), pairs)

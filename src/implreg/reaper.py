@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 WATCHDOG = r"""
-import os, select, signal, sys
+import os, select, signal, sys, time
 driver, interval = int(sys.argv[1]), float(sys.argv[2])
 
 def stat(pid):
@@ -63,8 +63,14 @@ while driver_start is not None and alive(driver, driver_start):
         if os.read(0, 1):
             sys.exit(0)  # stopped by the driver
         break  # end of file: the driver died (or closed the pipe): decided below
-if driver_start is not None and alive(driver, driver_start):
-    sys.exit(0)
+# End of file comes while the dying driver closes its files, a moment before
+# /proc shows it dead: give it that moment before deciding it lives on.
+for _ in range(100):
+    if driver_start is None or not alive(driver, driver_start):
+        break
+    time.sleep(0.05)
+else:
+    sys.exit(0)  # it lives and closed the pipe: nothing to do
 for pid, start in known.items():
     if alive(pid, start):
         try:
