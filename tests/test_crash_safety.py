@@ -233,3 +233,26 @@ def test_a_failure_mid_run_keeps_a_folder_with_a_checkpoint_and_removes_an_empty
 
         _run(tmp_path / "boom", interrupt=Boom())
     assert not (tmp_path / "boom").exists(), "a run that wrote nothing leaves no folder"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("huber_delta", 1e300), ("gt_norm", 1e300), ("lr", 1e200), ("init_stds", (1e30,))],
+)
+def test_numbers_beyond_the_dtype_are_refused_before_any_work(tmp_path, key, value):
+    over = {"loss": "huber", "huber_delta": 0.5, key: value}
+    with pytest.raises(ConfigError, match=f"{key}=.* is too large for float32"):
+        run_preset("tf-dynamics", out=tmp_path / "x", overrides=over, log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_that_diverges_at_once_is_summarized_and_drawn_as_diverged(tmp_path):
+    over = dict(TINY, init_stds=(1e15, 0.01), max_iterations=50)
+    cfg = get_preset("tf-dynamics").config
+    run = run_preset(cfg, out=tmp_path / "d", overrides=over, log=lambda *_: None)
+    assert run.exit_code == 1
+    first, second = run.summary["runs"]
+    assert first["status"] == "diverged" and first["n_learned"] is None
+    assert second["n_learned"] is not None
+    assert any("diverged at iteration 0" in p for p in run.summary["problems"])
+    assert (tmp_path / "d" / "figure.png").is_file()

@@ -154,7 +154,9 @@ def assess(entries: Sequence[Mapping[str, Any]], label: Callable[[Mapping], str]
         initial = e.get("initial_train_loss", e.get("initial_loss"))
         if e.get("status") in FAILED or (isinstance(final, float) and not math.isfinite(final)):
             where = f" at iteration {e['stopped_at']}" if e.get("stopped_at") is not None else ""
-            out.append(f"{label(e)} diverged{where}: its loss is not finite (lower lr)")
+            out.append(
+                f"{label(e)} diverged{where}: its loss is not finite (lower lr or the init scale)"
+            )
         elif (
             isinstance(final, float)
             and isinstance(initial, float)

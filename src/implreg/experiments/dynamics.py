@@ -138,9 +138,13 @@ def topk_figure(
         paths.append(save_figure(f, run_dir / name))
 
     for i, (label, its, traj) in enumerate(series):
-        sel = top_components(traj, top_k)
+        sel = top_components(traj, top_k) if len(its) else []  # none: diverged at once
         single = plt.subplots(figsize=(4.8, 3.6)) if singles else None
         for a in [axes[0, i]] + ([single[1]] if single else []):
+            if not len(its):
+                a.set_title(f"{label}: diverged, no finite record")
+                a.text(0.5, 0.5, "diverged", ha="center", va="center", transform=a.transAxes)
+                continue
             for r in sel:
                 a.plot(its, traj[:, r], lw=1.2)
             a.set_title(f"{label}: top {len(sel)} {what}s")
