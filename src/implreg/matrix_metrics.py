@@ -134,27 +134,9 @@ def balancedness(layers: Sequence[Tensor]) -> Tensor:
     Tensor
         float64, ``(B, N - 1)`` (``(B, 0)`` for depth 1).
     """
-    if isinstance(layers, Tensor) or not isinstance(layers, Sequence):
-        raise TypeError(
-            f"layers must be a sequence of tensors (B, d_out, d_in), got {type(layers).__name__}"
-        )
-    if len(layers) < 1:
-        raise ValueError("balancedness needs at least one layer")
-    for j, w in enumerate(layers):
-        if not isinstance(w, Tensor):
-            raise TypeError(
-                f"layers[{j}] must be a tensor (B, d_out, d_in), got {type(w).__name__}"
-            )
-        if w.dim() != 3 or w.shape[0] != layers[0].shape[0]:
-            raise ValueError(
-                "layers must have shape (B, d_out, d_in) with one B, got shapes "
-                f"{[tuple(x.shape) for x in layers]}"
-            )
-        if j > 0 and w.shape[2] != layers[j - 1].shape[1]:
-            raise ValueError(
-                f"layers[{j}] takes {w.shape[2]} inputs but layers[{j - 1}] has "
-                f"{layers[j - 1].shape[1]} outputs"
-            )
+    from implreg.factorizations.matrix import _check_layers
+
+    _check_layers(layers)
     ls = [w.to(torch.float64) for w in layers]
     batch = ls[0].shape[0]
     out = [
