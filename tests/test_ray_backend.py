@@ -121,7 +121,8 @@ def test_interrupt_cancels_and_shuts_down():
     assert map_ray(
         slow_unit, list(range(16)), workers=2, threads=1, on_result=on_result, interrupt=flag
     )
-    assert got == {0: 0}
+    # the first unit to finish (under load, not always unit 0) and nothing after it
+    assert len(got) == 1 and all(k == v for k, v in got.items()), got
     assert time.monotonic() - start < 30  # not the 15 x 2 s of the whole grid
     assert not ray.is_initialized()
     assert seen, "no Ray process was seen"
@@ -249,8 +250,10 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path):
     import signal
     import subprocess
 
+    log = tmp_path / "reaper.log"
     proc = subprocess.Popen(
         [sys.executable, "-c", DRIVER],
+        env={**os.environ, "IMPLREG_REAPER_LOG": str(log)},
         cwd=tmp_path,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -285,4 +288,6 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path):
             break
         time.sleep(0.5)
     left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive}
-    assert not alive, f"Ray processes left behind: {left}"
+    seen = log.read_text()[-1500:] if log.exists() else "(no reaper log)"
+    seen += " | alive: " + str({p: Path(f"/proc/{p}/stat").read_text()[:60] for p in alive})
+    assert not alive, f"Ray processes left behind: {left}; the reaper: {seen}"

@@ -24,15 +24,20 @@ import sys
 WATCHDOG = r"""
 import os, select, signal, sys, time
 driver, interval = int(sys.argv[1]), float(sys.argv[2])
+log = open(sys.argv[3], "a") if len(sys.argv) > 3 and sys.argv[3] else None
+
+def say(*what):
+    if log is not None:
+        print(*what, file=log, flush=True)
 
 def stat(pid):
     try:
         with open(f"/proc/{pid}/stat") as fh:
             text = fh.read()
-    except OSError:
+        rest = text[text.rindex(")") + 2:].split()
+        return int(rest[1]), rest[19], rest[0]  # ppid, start time, state
+    except (OSError, ValueError, IndexError):  # gone, or read empty while being reaped
         return None
-    rest = text[text.rindex(")") + 2:].split()
-    return int(rest[1]), rest[19], rest[0]  # ppid, start time, state
 
 def alive(pid, start):
     s = stat(pid)
@@ -61,7 +66,9 @@ while driver_start is not None and alive(driver, driver_start):
     ready, _, _ = select.select([0], [], [], interval)
     if ready:
         if os.read(0, 1):
+            say("stopped by the driver")
             sys.exit(0)  # stopped by the driver
+        say("end of file")
         break  # end of file: the driver died (or closed the pipe): decided below
 # End of file comes while the dying driver closes its files, a moment before
 # /proc shows it dead: give it that moment before deciding it lives on.
@@ -70,14 +77,20 @@ for _ in range(100):
         break
     time.sleep(0.05)
 else:
+    say("the driver lives on")
     sys.exit(0)  # it lives and closed the pipe: nothing to do
+say("the driver died; known:", sorted(known))
 for pid, start in known.items():
     if alive(pid, start):
         try:
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+            say("killed", pid)
+        except OSError as exc:
+            say("could not kill", pid, exc)
 """
+
+
+LOG = "IMPLREG_REAPER_LOG"  # a file the watchdog appends what it saw and did to (debugging)
 
 
 class Reaper:
@@ -105,7 +118,7 @@ def start_reaper(interval: float = 0.5) -> Reaper | None:
     if not os.path.isdir("/proc"):
         return None
     proc = subprocess.Popen(
-        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(interval)],
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(interval), os.environ.get(LOG, "")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
