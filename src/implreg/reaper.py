@@ -12,7 +12,10 @@ starts a small separate process (standard library only) that
 - exits quietly when the driver stops it (:meth:`Reaper.stop`, after a normal
   ``ray.shutdown()``);
 - when the driver has died without stopping it, kills every recorded process
-  still alive, then exits.
+  still alive, then, for a second, every orphan (re-parented to init) of the
+  driver's process group started after the driver (what a look between two
+  scans could have missed), then exits.  A death is believed only when seen
+  twice; an unreadable ``/proc`` entry is not proof of death.
 """
 
 from __future__ import annotations
@@ -34,24 +37,42 @@ def stat(pid):
     try:
         with open(f"/proc/{pid}/stat") as fh:
             text = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # gone
+    except OSError:
+        return ()  # cannot tell now
+    try:
         rest = text[text.rindex(")") + 2:].split()
-        return int(rest[1]), rest[19], rest[0]  # ppid, start time, state
-    except (OSError, ValueError, IndexError):  # gone, or read empty while being reaped
-        return None
+        return int(rest[1]), rest[19], rest[0], rest[2]  # ppid, start time, state, group
+    except (ValueError, IndexError):  # read empty or cut while it is being reaped
+        return ()
 
 def alive(pid, start):
     s = stat(pid)
+    if s == ():
+        return True  # unreadable for a moment: not proof of death
     return s is not None and s[1] == start and s[2] not in "ZX"  # a zombie has died
 
-driver_start = stat(driver)[1] if stat(driver) else None
+def driver_alive():
+    # death must be seen twice, 0.1 s apart: one odd read never kills anything
+    if alive(driver, driver_start):
+        return True
+    time.sleep(0.1)
+    return alive(driver, driver_start)
+
+first = stat(driver)
+driver_start = first[1] if first else None
+driver_group = first[3] if first else None
+if driver_start is None:
+    sys.exit(0)  # the driver is already gone: nothing was started by it
 known = {}
 ready_sent = False
-while driver_start is not None and alive(driver, driver_start):
+while driver_start is not None and driver_alive():
     parents = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             s = stat(int(name))
-            if s is not None:
+            if s:
                 parents.setdefault(s[0], []).append((int(name), s[1]))
     todo = [driver]
     while todo:
@@ -73,20 +94,34 @@ while driver_start is not None and alive(driver, driver_start):
 # End of file comes while the dying driver closes its files, a moment before
 # /proc shows it dead: give it that moment before deciding it lives on.
 for _ in range(100):
-    if driver_start is None or not alive(driver, driver_start):
+    if driver_start is None or not driver_alive():
         break
     time.sleep(0.05)
 else:
     say("the driver lives on")
     sys.exit(0)  # it lives and closed the pipe: nothing to do
 say("the driver died; known:", sorted(known))
-for pid, start in known.items():
-    if alive(pid, start):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            say("killed", pid)
-        except OSError as exc:
-            say("could not kill", pid, exc)
+def orphans():
+    # processes of the driver's group, started after it, left to init: its descendants
+    # even when a scan missed them (started between two looks, or while it was busy)
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            s = stat(int(name))
+            if s and s[0] == 1 and s[3] == driver_group and int(s[1]) >= int(driver_start):
+                out[int(name)] = s[1]
+    return out
+
+for round in range(4):
+    targets = known if round == 0 else orphans()
+    for pid, start in targets.items():
+        if alive(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                say("killed", pid)
+            except OSError as exc:
+                say("could not kill", pid, exc)
+    time.sleep(0.25)
 """
 
 
