@@ -1135,6 +1135,7 @@ def small_fs(tmp_path):
         timeout=20,
     )
     if done.returncode != 0:
+        # the simulated-ENOSPC twin of every tmpfs case runs everywhere
         pytest.skip("cannot mount a small tmpfs here (needs root)")
 
     def fill(leave: int) -> None:

@@ -194,6 +194,8 @@ CALIBRATION = [
             "max_iterations": 2,
             "log_every": 1000,
         },
+        # slow: a 20000 x 20000 gather run peaks near 700 MB and takes longer than the rest of
+        # this file; the two default calibrations above cover the same formula
         marks=pytest.mark.slow,
     ),
 ]
@@ -207,6 +209,8 @@ def test_estimate_follows_the_measured_peak(name, overrides, tmp_path):
     assert actual / 4 <= estimate <= actual * 4, got
 
 
+# slow: cvxpy's import and SCS solve in a fresh interpreter; the baseline's estimate is
+# also checked (not against a measurement) by the default-config tests above
 @pytest.mark.slow
 def test_nuclear_baseline_estimate_follows_the_measured_peak(tmp_path):
     """mf-depth-vs-nuclear: one fit and one SCS baseline of a 60 x 60 matrix (the baseline,
