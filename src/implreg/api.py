@@ -398,14 +398,18 @@ def run_preset(
                 run.outcome = run.experiment.run(run.config, prepared, ctx)
                 run.signum = getattr(stop, "signum", None)
             except Exception as exc:  # not KeyboardInterrupt/SystemExit: the folder stays
-                if not resume and _holds_nothing(run.path):
+                removed = not resume and _holds_nothing(run.path)
+                if removed:
                     _remove_new_folder(run.path, lock, fresh)
                     lock = None
-                if isinstance(exc, OSError) and not isinstance(exc, ConfigError):
-                    where = exc.filename or run.path
+                if isinstance(exc, OSError):
+                    kept = (
+                        "nothing was finished"
+                        if removed
+                        else f"what the run finished is kept in {run.path}"
+                    )
                     raise RunError(
-                        f"cannot write {where}: {_reason(exc)}; "
-                        f"what the run finished is kept in {run.path}"
+                        f"cannot write {exc.filename or run.path}: {_reason(exc)}; {kept}"
                     ) from None
                 raise
     finally:
