@@ -73,14 +73,27 @@ class HuberLoss:
             )
 
 
-def make_loss(name: str, *, huber_delta: float | None = None) -> L2Loss | HuberLoss:
-    """Loss by name: ``l2`` or ``huber`` (which needs ``huber_delta``)."""
+@dataclass(frozen=True)
+class L1Loss:
+    """``l(z) = |z|``, derivative ``sign(z)`` (0 at 0): a loss of the hierarchical tensor
+    factorization experiments of Razin, Maman & Cohen (2022)."""
+
+    name: str = "l1"
+
+    def pointwise(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z.abs(), torch.sign(z)
+
+
+def make_loss(name: str, *, huber_delta: float | None = None) -> L2Loss | HuberLoss | L1Loss:
+    """Loss by name: ``l2``, ``l1`` or ``huber`` (which needs ``huber_delta``)."""
     if not isinstance(name, str):
-        raise TypeError(f"name must be a string ('l2' or 'huber'), got {type(name).__name__}")
+        raise TypeError(f"name must be a string ('l2', 'l1' or 'huber'), got {type(name).__name__}")
     if name == "l2":
         return L2Loss()
+    if name == "l1":
+        return L1Loss()
     if name == "huber":
         if huber_delta is None:
             raise ValueError("the huber loss needs huber_delta")
         return HuberLoss(huber_delta)
-    raise ValueError(f"unknown loss {name!r}; use 'l2' or 'huber'")
+    raise ValueError(f"unknown loss {name!r}; use 'l2', 'l1' or 'huber'")

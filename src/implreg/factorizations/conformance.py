@@ -55,6 +55,12 @@ from implreg.factorizations.cp_engine import (
     GatherCompletion,
     RankOneSensing,
 )
+from implreg.factorizations.htf import ModeTree, htf_to_tensor
+from implreg.factorizations.htf_engine import (
+    DenseHTFCompletion,
+    GatherHTFCompletion,
+    RankOneHTFSensing,
+)
 from implreg.factorizations.matrix import (
     MatrixCompletion,
     MatrixSensing,
@@ -359,3 +365,116 @@ def matrix_sensing_example(
     y = _normal(generator, m, dtype=dtype)
     engine = MatrixSensing((n_rows, n_cols), a.reshape(m, -1), y)
     return EngineExample(engine, params, mf_product, _inner_products(a), y, {**info, "m": m})
+
+
+# ---------------------------------------------------------------- hierarchical tensor engines
+
+
+def _random_nesting(generator: torch.Generator, modes: list[int]):
+    """A random mode tree over ``modes``: groups of 2 or 3 members, split recursively."""
+    if len(modes) == 1:
+        return modes[0]
+    k = min(len(modes), _choice(generator, [2, 2, 3]))
+    cuts = sorted(torch.randperm(len(modes) - 1, generator=generator)[: k - 1].add(1).tolist())
+    parts = [modes[a:b] for a, b in zip([0, *cuts], [*cuts, len(modes)])]
+    return tuple(_random_nesting(generator, p) for p in parts)
+
+
+def _htf_params(generator, dtype, batch, dims, tree):
+    batch = _batch(generator, batch)
+    if dims is None:
+        dims = [_randint(generator, 1, 3) for _ in range(_randint(generator, 2, 4))]
+    dims = [int(d) for d in dims]
+    if tree is None:
+        order = torch.randperm(len(dims), generator=generator).tolist()
+        tree = ModeTree.from_nested(_random_nesting(generator, order))
+    widths = {v: _randint(generator, 1, 3) for v in tree.internal}
+    params = [_normal(generator, batch, *shape, dtype=dtype) for shape in tree.shapes(dims, widths)]
+    info = {"batch": batch, "dims": dims, "tree": tree.describe(), "widths": widths}
+    return params, dims, tree, info
+
+
+def _htf_end(tree: ModeTree) -> Callable[[Sequence[Tensor]], Tensor]:
+    return lambda params: htf_to_tensor(params, tree)
+
+
+@register_example("DenseHTFCompletion")
+def dense_htf_completion_example(
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    batch: int | None = None,
+    dims: Sequence[int] | None = None,
+    tree: ModeTree | None = None,
+    m: int | None = None,
+) -> EngineExample:
+    """Hierarchical tensor completion over a random mode tree, end tensor built each step."""
+    params, dims, tree, info = _htf_params(generator, dtype, batch, dims, tree)
+    m = _num_obs(generator, m, math.prod(dims))
+    idx = torch.stack([torch.randint(0, d, (m,), generator=generator) for d in dims], dim=1)
+    y = _normal(generator, m, dtype=dtype)
+    engine = DenseHTFCompletion(tree, dims, idx, y)
+    return EngineExample(engine, params, _htf_end(tree), _entries(idx), y, {**info, "m": m})
+
+
+@register_example("GatherHTFCompletion")
+def gather_htf_completion_example(
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    batch: int | None = None,
+    dims: Sequence[int] | None = None,
+    tree: ModeTree | None = None,
+    m: int | None = None,
+    chunk: int | None = None,
+) -> EngineExample:
+    """Hierarchical tensor completion pushing chunks of observations up a random tree."""
+    params, dims, tree, info = _htf_params(generator, dtype, batch, dims, tree)
+    m = _num_obs(generator, m, math.prod(dims))
+    chunk = _choice(generator, [1, 3, 7, 4096]) if chunk is None else chunk
+    idx = torch.stack([torch.randint(0, d, (m,), generator=generator) for d in dims], dim=1)
+    y = _normal(generator, m, dtype=dtype)
+    engine = GatherHTFCompletion(tree, dims, idx, y, chunk=chunk)
+    info = {**info, "m": m, "chunk": chunk}
+    return EngineExample(engine, params, _htf_end(tree), _entries(idx), y, info)
+
+
+def _htf_sensing(generator, dtype, batch, dims, tree, m, method):
+    params, dims, tree, info = _htf_params(generator, dtype, batch, dims, tree)
+    m = _randint(generator, 1, 30) if m is None else int(m)
+    vectors = [_normal(generator, m, d, dtype=dtype) for d in dims]
+    y = _normal(generator, m, dtype=dtype)
+    x = vectors[0]
+    for v in vectors[1:]:
+        x = x.unsqueeze(-1) * v.reshape(m, *([1] * (x.dim() - 1)), -1)
+    engine = RankOneHTFSensing(tree, dims, vectors, y, method=method)
+    info = {**info, "m": m, "method": method}
+    return EngineExample(engine, params, _htf_end(tree), _inner_products(x), y, info)
+
+
+@register_example("DenseHTFSensing")
+def dense_htf_sensing_example(
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    batch: int | None = None,
+    dims: Sequence[int] | None = None,
+    tree: ModeTree | None = None,
+    m: int | None = None,
+) -> EngineExample:
+    """Hierarchical rank-one sensing through the end matrix and the vectors' halves."""
+    return _htf_sensing(generator, dtype, batch, dims, tree, m, "dense")
+
+
+@register_example("GatherHTFSensing")
+def gather_htf_sensing_example(
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    batch: int | None = None,
+    dims: Sequence[int] | None = None,
+    tree: ModeTree | None = None,
+    m: int | None = None,
+) -> EngineExample:
+    """Hierarchical rank-one sensing, each leaf seeing ``x_in^T W_n``."""
+    return _htf_sensing(generator, dtype, batch, dims, tree, m, "gather")
