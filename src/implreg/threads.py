@@ -165,6 +165,9 @@ def config_step_flops(cfg: Any) -> float | None:
     ``depths`` or ``depth``, ``num_observations`` or ``m``: the dynamics configs and
     their grid units) count one run of the deepest factorization.
     """
+    own = getattr(cfg, "step_flops", None)
+    if callable(own):  # a configuration that knows its step's work
+        return float(own())
     if all(hasattr(cfg, k) for k in ("dims", "rank", "num_observations")):
         return cp_step_flops(
             cfg.dims,

@@ -150,6 +150,8 @@ class AdaptiveGD:
     ``v_hat = v_t / (1 - beta^t)``; ``eta_t = lr / (sqrt(v_hat) + eps)`` (eps after the
     square root); ``theta <- theta - eta_t g_t``.  The per-run scalars ``v`` and ``t``
     are Python floats (IEEE double): the bookkeeping costs no tensor operations.
+    ``time[b]`` is the run's elapsed gradient-flow time ``sum_t eta_t`` (what the
+    local dynamics ``d sigma / dt`` are measured against).
     """
 
     name = "adaptive"
@@ -160,6 +162,7 @@ class AdaptiveGD:
         self.eps = _check_rate("eps", eps)
         self.v: list[float] = []
         self.t: list[int] = []
+        self.time: list[float] = []
 
     def step_sizes(self, grads: Sequence[Tensor], active: Sequence[bool]) -> list[float]:
         """Advance ``v`` and ``t`` of active runs and return ``eta_t`` per run."""
@@ -169,6 +172,7 @@ class AdaptiveGD:
         if not self.v:
             self.v = [0.0] * len(sq)
             self.t = [0] * len(sq)
+            self.time = [0.0] * len(sq)
         elif len(self.v) != len(sq):
             raise ValueError(
                 f"the optimizer holds the state of {len(self.v)} runs but grads have "
@@ -184,6 +188,8 @@ class AdaptiveGD:
             eta.append(
                 self.lr / (math.sqrt(v_hat) + self.eps) if math.isfinite(v_hat) else math.nan
             )
+            if active[b]:
+                self.time[b] += eta[-1]
         return eta
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
@@ -208,9 +214,10 @@ class AdaptiveGD:
         if self.v:
             self.v = [self.v[i] for i in keep]
             self.t = [self.t[i] for i in keep]
+            self.time = [self.time[i] for i in keep]
 
     def state_dict(self) -> dict:
-        return {"v": list(self.v), "t": list(self.t)}
+        return {"v": list(self.v), "t": list(self.t), "time": list(self.time)}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"v", "t"} <= state.keys():
@@ -221,6 +228,12 @@ class AdaptiveGD:
                 f"{len(state['v'])} and {len(state['t'])}"
             )
         self.v, self.t = list(state["v"]), list(state["t"])
+        # checkpoints written before the clock existed: its time is unknown, not zero
+        self.time = list(state.get("time", [math.nan] * len(self.v)))
+        if len(self.time) != len(self.v):
+            raise ValueError(
+                f"state['time'] must have one entry per run ({len(self.v)}), got {len(self.time)}"
+            )
 
 
 class Adam:

@@ -1,0 +1,189 @@
+"""Matrix, tensor and hierarchical tensor factorization side by side (Razin's 2022 blog post,
+the figure of MF / TF / HTF dynamics).
+
+Three runs, one after another, each in its own sub-folder of the run folder
+(``mf/``, ``tf/``, ``htf/``) and each a full run of its own preset, resumable on
+its own: deep matrix factorization (64 x 64, rank 5, depth 3, init 1e-3),
+CP tensor factorization (order 4, modes of 16, CP rank 5, 256 components,
+init 1e-3) and hierarchical tensor factorization (``htf-dynamics``).  The
+figure puts the top singular values, component norms and root local component
+norms over iterations side by side: all three are learned one after another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from implreg.config import ConfigError, check, param, with_overrides
+from implreg.experiments.base import Experiment, Outcome, Preset, RunContext, write_table
+from implreg.experiments.dynamics import topk_figure, trajectories
+from implreg.metrics import top_components
+from implreg.resources import Estimate
+from implreg.runs import CHECKPOINT, CONFIG, SUMMARY, read_json, write_json
+
+# (key, preset, figure label, what is tracked)
+PANELS = (
+    ("mf", "mf-dynamics", "deep matrix factorization (depth 3)", "singular value"),
+    ("tf", "tf-dynamics", "tensor factorization (CP)", "component norm"),
+    ("htf", "htf-dynamics", "hierarchical tensor factorization", "root local component norm"),
+)
+TOP = 5  # components drawn and tabled per panel (the published figure's five)
+
+
+@dataclass(frozen=True)
+class TrioConfig:
+    """Overrides of each panel's preset, ``key=value`` pairs separated by ``;``."""
+
+    mf: str = param(
+        "shape=64,64;gt_rank=5;gt_norm=64;num_observations=2048;depths=3;init_scale=1e-3;"
+        "max_iterations=20000;workers=1",
+        doc="overrides of mf-dynamics",
+    )
+    tf: str = param(
+        "dims=16,16,16,16;gt_rank=5;gt_norm=64;rank=256;num_observations=2048;init_stds=1e-3;"
+        "max_iterations=20000",
+        doc="overrides of tf-dynamics",
+    )
+    htf: str = param("", doc="overrides of htf-dynamics")
+    seed: int = param(0, ge=0, doc="seed of all three panels")
+
+    def panel(self, key: str) -> Any:
+        from implreg.experiments import PRESETS
+
+        preset = next(p for k, p, *_ in PANELS if k == key)
+        pairs = [p for p in getattr(self, key).split(";") if p.strip()]
+        try:
+            cfg = with_overrides(PRESETS[preset].config, [*pairs, f"seed={self.seed}"])
+            check(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        return cfg
+
+    def check(self) -> None:
+        for key, *_ in PANELS:
+            self.panel(key)
+
+
+class DynamicsTrio(Experiment):
+    name = "dynamics_mf_tf_htf"
+    Config = TrioConfig
+    presets = (
+        Preset(
+            "dynamics-mf-tf-htf",
+            "Razin 2022 blog post, figure of MF / TF / HTF dynamics",
+            "deep MF 64x64 rank 5 depth 3; CP with 256 components on modes of 16; "
+            "HTF as htf-dynamics: each panel's top components over iterations",
+            tiny={
+                "mf": "shape=12,12;gt_rank=2;gt_norm=12;num_observations=80;depths=3;"
+                "max_iterations=300;log_every=20;workers=1",
+                "tf": "dims=4,4,4;gt_rank=2;rank=20;num_observations=40;init_stds=0.1;"
+                "max_iterations=300;tol=0",
+                "htf": "dims=4,4,4,4;widths=12,12;gt_widths=2,2;gt_norm=16;"
+                "num_observations=120;num_test=60;init_stds=0.1;max_iterations=300;tol=0",
+            },
+        ),
+    )
+
+    def memory_estimate(self, cfg: TrioConfig) -> Estimate:
+        """The largest panel's (they run one after another)."""
+        from implreg.experiments import PRESETS
+
+        return max(
+            (PRESETS[p].experiment.memory_estimate(cfg.panel(k)) for k, p, *_ in PANELS),
+            key=lambda e: e.bytes,
+        )
+
+    def has_finished_work(self, run_dir: Path) -> bool:
+        return any(
+            (Path(run_dir) / k / f).exists() for k, *_ in PANELS for f in (SUMMARY, CHECKPOINT)
+        )
+
+    def run(self, cfg: TrioConfig, prepared: Any, ctx: RunContext) -> Outcome:
+        from implreg.api import run_preset
+
+        for key, preset, *_ in PANELS:
+            sub = ctx.run_dir / key
+            if (sub / SUMMARY).exists():
+                continue
+            ctx.log(f"panel {key} ({preset}) in {sub}")
+            again = (sub / CONFIG).exists()
+            run = run_preset(
+                None if again else cfg.panel(key),
+                out=sub,
+                resume=again,
+                device=ctx.device,
+                progress=ctx.progress,
+                interrupt=ctx.interrupt,
+                log=ctx.log,
+                checkpoint_every=ctx.checkpoint_every,
+                checkpoint_seconds=ctx.checkpoint_seconds,
+                threads=ctx.threads,
+            )
+            if run.interrupted:
+                return Outcome(None, 130, True, f"panel {key}; resume continues it")
+            if run.exit_code:
+                return Outcome(None, run.exit_code, False, f"panel {key} failed")
+        summary = self.summarize(ctx.run_dir)
+        self.write_table(ctx.run_dir)
+        write_json(ctx.run_dir / SUMMARY, summary)
+        self.plot(ctx.run_dir)
+        return Outcome(summary, 0)
+
+    def summarize(self, run_dir: Path) -> dict:
+        panels = {}
+        for key, preset, label, _ in PANELS:
+            first = read_json(Path(run_dir) / key / SUMMARY)["runs"][0]
+            panels[key] = {
+                "preset": preset,
+                "label": label,
+                "n_learned": first.get("n_learned"),
+                "left_zero_at": [c["left_zero_at"] for c in first.get("learned", [])],
+                "top_final": first.get("top_final_norms", first.get("singular_values_top10")),
+            }
+        return {"panels": panels}
+
+    def summary_text(self, summary: dict) -> str:
+        return "\n".join(
+            f"{p['label']}: {p['n_learned']} learned one after another, leaving zero at "
+            + ", ".join(str(i) for i in p["left_zero_at"][:10])
+            + "; top final values "
+            + ", ".join(f"{x:.3g}" for x in (p["top_final"] or [])[:6])
+            for p in summary["panels"].values()
+        )
+
+    def _series(self, run_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+        from implreg.experiments import PRESETS
+
+        exp = PRESETS[next(p for k, p, *_ in PANELS if k == key)].experiment
+        sub = Path(run_dir) / key
+        if key == "mf":
+            _, units, hist = exp.unit_results(sub)
+            h = hist[units[-1].name]["history"]
+            return np.asarray(h["iteration"]), np.asarray(h["singular_values"])
+        data = exp.load_trajectories(sub)
+        return trajectories(data["iterations"], data["norms"], 0)
+
+    def write_table(self, run_dir: Path) -> None:
+        """``metrics.csv``: per panel and record, the five components largest at the end
+        (by identity, largest first)."""
+        rows = []
+        for key, *_ in PANELS:
+            its, traj = self._series(run_dir, key)
+            top = top_components(traj, TOP) if its.size else []
+            for t, it in enumerate(its):
+                row = {"panel": key, "iteration": int(it)}
+                row.update({f"top{j + 1}": float(traj[t, r]) for j, r in enumerate(top)})
+                rows.append(row)
+        write_table(Path(run_dir) / self.table, rows)
+
+    def plot(self, run_dir: Path) -> list[Path]:
+        """``figure.png``: the three panels' top components over iterations."""
+        series = [(label, *self._series(run_dir, k)) for k, _, label, _ in PANELS]
+        return topk_figure(run_dir, series, top_k=TOP, what="top component")
+
+
+EXPERIMENT = DynamicsTrio()

@@ -1,0 +1,351 @@
+"""Dynamics of gradient descent over hierarchical tensor factorization.
+
+Razin, Maman & Cohen, "Implicit Regularization in Hierarchical Tensor
+Factorization and Deep Convolutional Neural Networks" (ICML 2022), Section 5
+and the 2022 blog post's figure: an order-4 tensor of hierarchical tensor rank
+at most 5 is completed from 2048 entries by a factorization of widths 512 from
+a small initialization.  Local components of every node leave zero one after
+another (``dσ/dt ∝ σ^{2 - 2/3}``, Theorem 1), so the matricizations over the
+tree's nodes keep low rank while a non-tree split ({1,3}) does not.  Recorded
+over time, tracked by identity: every internal node's local component norms,
+the top singular values and effective rank of every tree matricization and of
+the extra splits, held-out and full-tensor reconstruction errors,
+unbalancedness, and the gradient-flow time (for the exponent check).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from implreg.config import ConfigError, param, require
+from implreg.experiments.base import Preset
+from implreg.experiments.dynamics import Dynamics, DynamicsExperiment, learned_now
+from implreg.experiments.htf_report import (
+    htf_figure,
+    htf_memory,
+    htf_summary_text,
+    summarize_htf,
+    write_hierarchy,
+)
+from implreg.factorizations.htf import (
+    ModeTree,
+    htf_init,
+    htf_local_norms,
+    htf_to_tensor,
+    htf_unbalancedness,
+    htf_values,
+)
+from implreg.factorizations.htf_engine import (
+    DENSE_MAX,
+    RankOneHTFSensing,
+    htf_completion_engine,
+    htf_step_flops,
+)
+from implreg.htf_analysis import parse_splits, split_spectra, splits_of
+from implreg.losses import make_loss
+from implreg.optim import StopRule, make_optimizer
+from implreg.problems.hierarchical import (
+    htf_completion_problem,
+    htf_sensing_problem,
+    low_ht_rank_tensor,
+)
+from implreg.problems.synthetic import sample_indices
+from implreg.resources import Estimate
+from implreg.training import Recorder
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class HTFDynamicsConfig:
+    """Settings of the HTF dynamics experiment; defaults are the published setting
+    (Razin, Maman & Cohen 2022; REFERENCE §4), with a 100k iteration cap (the authors': 500k)."""
+
+    dims: tuple[int, ...] = param((16, 16, 16, 16), ge=1, min_len=2, doc="mode sizes")
+    tree: str = param(
+        "adjacent", doc="mode tree: adjacent, adjacent:P, interleaved or groups like ((1,2),(3,4))"
+    )
+    widths: tuple[int, ...] = param((512, 512), ge=1, doc="local components per level (or one)")
+    gt_widths: tuple[int, ...] = param((5, 5), ge=1, doc="ground truth widths (HT ranks)")
+    gt_norm: float = param(64.0, gt=0, doc="Frobenius norm of the ground truth")
+    task: Literal["completion", "sensing"] = "completion"
+    num_observations: int = param(2048, ge=1, doc="observed entries or rank-one measurements")
+    num_test: int = param(2048, ge=1, doc="held-out entries for the reconstruction error")
+    init_stds: tuple[float, ...] = param((0.01,), gt=0, doc="one run per init std")
+    loss: Literal["l2", "huber", "l1"] = "l2"
+    huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
+    optimizer: Literal["adaptive", "gd", "adam"] = "adaptive"
+    lr: float = param(0.01, gt=0)
+    eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
+    tol: float = param(5e-5, ge=0, doc="stop once the train loss stays below tol ...")
+    patience: int = param(101, ge=1, doc="... for this many checks ...")
+    check_every: int = param(25, ge=1, doc="... made every this many iterations")
+    max_iterations: int = param(100_000, ge=1)
+    log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
+    max_records: int = param(4000, ge=4)
+    top_k: int = param(10, ge=1, doc="trajectories drawn per node")
+    top_svals: int = param(10, ge=1, doc="singular values recorded per matricization")
+    learned_fraction: float = param(0.1, gt=0, lt=1, doc="a component left zero above this")
+    splits: str = param("1,3", doc="extra matricizations (1-based modes, ';' between)")
+    method: Literal["auto", "dense", "gather"] = param("auto", doc="gradient engine")
+    dtype: Literal["float32", "float64"] = "float32"
+    recon_sample: int = param(100_000, ge=1, doc="entries sampled for the full error when large")
+    dense_max: int = param(1 << 22, ge=1, doc="largest end tensor built for metrics")
+    seed: int = param(0, ge=0)
+
+    def mode_tree(self) -> ModeTree:
+        try:
+            return ModeTree.parse(self.tree, len(self.dims))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"tree: {err}") from None
+
+    def width_arg(self, widths: tuple[int, ...]) -> Any:
+        return widths[0] if len(widths) == 1 else list(widths)
+
+    def check(self) -> None:
+        tree = self.mode_tree()
+        for key in ("widths", "gt_widths"):
+            try:
+                tree.resolve_widths(self.width_arg(getattr(self, key)))
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{key}: {err}") from None
+        try:
+            parse_splits(self.splits, len(self.dims))
+        except ValueError as err:
+            raise ConfigError(f"splits: {err}") from None
+        size = math.prod(self.dims)
+        if self.task == "completion":
+            require(
+                self.num_observations + self.num_test <= size,
+                f"num_observations + num_test = {self.num_observations + self.num_test} is "
+                f"larger than the tensor's {size} entries",
+            )
+        else:
+            require(self.num_test <= size, f"num_test is larger than the tensor's {size} entries")
+        require(
+            self.loss != "huber" or self.huber_delta > 0, "the huber loss needs huber_delta > 0"
+        )
+        require(
+            self.method != "dense" or size <= DENSE_MAX,
+            f"method=dense builds all {size} entries each step (at most {DENSE_MAX}); "
+            "use method=gather",
+        )
+
+    def step_flops(self) -> float:
+        """Flops of one step of all runs (the thread policy of :mod:`implreg.threads`)."""
+        tree, widths = self.mode_tree(), self.width_arg(self.widths)
+        method = self.method
+        if method == "auto":
+            from implreg.factorizations.htf_engine import choose_htf_method
+
+            method = choose_htf_method(tree, self.dims, widths, self.num_observations)
+        flops = htf_step_flops(tree, self.dims, widths, self.num_observations, method)
+        return 2.0 * flops * len(self.init_stds)
+
+
+@dataclass
+class Prepared:
+    engine: Any
+    loss: Any
+    params: list[torch.Tensor]
+    evaluate: Any
+    tree: ModeTree
+
+
+def build_problem(cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
+    """Ground truth, observations, engine, loss and initial parameters (drawn on the CPU in
+    float64, then moved)."""
+    dtype, dev = DTYPES[cfg.dtype], torch.device(device)
+    tree, widths = cfg.mode_tree(), cfg.width_arg(cfg.widths)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    truth = low_ht_rank_tensor(
+        cfg.dims, tree, cfg.width_arg(cfg.gt_widths), norm=cfg.gt_norm, generator=gen
+    )
+    if cfg.task == "completion":
+        prob = htf_completion_problem(truth, cfg.num_observations, cfg.num_test, generator=gen)
+        engine = htf_completion_engine(
+            tree,
+            cfg.dims,
+            prob.idx.to(dev),
+            prob.y.to(dev, dtype),
+            widths=widths,
+            method=cfg.method,
+        )
+        test_idx, test_y = prob.test_idx, prob.test_y
+    else:
+        sens = htf_sensing_problem(truth, cfg.num_observations, generator=gen)
+        engine = RankOneHTFSensing(
+            tree,
+            cfg.dims,
+            [v.to(dev, dtype) for v in sens.vectors],
+            sens.y.to(dev, dtype),
+            widths=widths,
+            method=cfg.method,
+        )
+        test_idx = sample_indices(cfg.dims, cfg.num_test, generator=gen)
+        test_y = truth.values(test_idx)
+    loss = make_loss(cfg.loss, huber_delta=cfg.huber_delta if cfg.loss == "huber" else None)
+    params = htf_init(
+        cfg.dims,
+        tree,
+        widths,
+        stds=cfg.init_stds,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+        dtype=dtype,
+    )
+    params = [p.to(dev) for p in params]
+    splits = splits_of(tree, parse_splits(cfg.splits, len(cfg.dims)))
+    test_idx, test_y = test_idx.to(dev), test_y.to(dev)
+    dense = math.prod(cfg.dims) <= cfg.dense_max
+    if dense:
+        truth_flat = truth.dense().reshape(-1).to(dev)
+    else:
+        egen = torch.Generator().manual_seed(cfg.seed + 2)
+        eidx = sample_indices(cfg.dims, min(cfg.recon_sample, math.prod(cfg.dims)), generator=egen)
+        evals, eidx = truth.values(eidx).to(dev), eidx.to(dev)
+
+    def errors(values: torch.Tensor, truth_values: torch.Tensor) -> np.ndarray:
+        err = [torch.linalg.vector_norm(v.double() - truth_values) for v in values]
+        return (torch.stack(err) / truth_values.norm()).cpu().numpy()
+
+    def evaluate(f) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if dense:
+            end = htf_to_tensor(f, tree)
+            flat = end.reshape(end.shape[0], -1)
+            lin = np.ravel_multi_index(test_idx.T.cpu().numpy(), cfg.dims)
+            out["reconstruction_error"] = errors(flat[:, torch.as_tensor(lin, device=dev)], test_y)
+            out["full_reconstruction_error"] = errors(flat, truth_flat)
+            out.update(split_spectra(end, splits, cfg.top_svals))
+        else:
+            out["reconstruction_error"] = errors(htf_values(f, tree, test_idx), test_y)
+            out["full_reconstruction_error"] = errors(htf_values(f, tree, eidx), evals)
+        out["unbalancedness"] = htf_unbalancedness(f, tree).double().cpu().numpy()
+        for v, norms in zip(tree.internal, htf_local_norms(f, tree)):
+            key = "root_local_norms" if v == tree.root else f"local {tree.node_text(v)}"
+            out[key] = norms.float().cpu().numpy()
+        return out
+
+    return Prepared(engine, loss, params, evaluate, tree)
+
+
+class HTFDynamics(DynamicsExperiment):
+    """Local component and hierarchical-rank dynamics of HTF (Razin, Maman & Cohen 2022)."""
+
+    name = "htf_dynamics"
+    Config = HTFDynamicsConfig
+    trajectory = "root_local_norms"
+    what = "root local component norm"
+    scalars = ("reconstruction_error", "full_reconstruction_error", "unbalancedness")
+    scalar_label = "held-out ||W - W*|| / ||W*||"
+    _tiny = {
+        "dims": (4, 4, 4, 4),
+        "widths": (12, 12),
+        "gt_widths": (2, 2),
+        "gt_norm": 16.0,
+        "num_observations": 120,
+        "num_test": 60,
+        "init_stds": (0.1, 0.05),
+        "max_iterations": 300,
+        "tol": 0.0,
+    }
+    presets = (
+        Preset(
+            "htf-dynamics",
+            "Razin, Maman & Cohen 2022 (ICML), Figure 2; Razin 2022 blog, HTF panel",
+            "HTF completion of an order-4 tensor (modes of 16, HT ranks <= 5) from 2048 entries, "
+            "widths 512, init std 0.01: local component norms, matricization spectra",
+            tiny=_tiny,
+        ),
+        Preset(
+            "htf-sensing",
+            "Razin, Maman & Cohen 2022, Appendix (rank-one tensor sensing)",
+            "as htf-dynamics with y_i = <x_i1 (x) ... (x) x_i4, W*>, x_in ~ N(0, E^(-1/4) I)",
+            overrides={"task": "sensing"},
+            tiny={**_tiny, "task": "sensing"},
+        ),
+        Preset(
+            "htf-tree",
+            "Razin, Maman & Cohen 2022: the tree decides which ranks are kept low",
+            "ground truth and factorization over the tree ((1,3),(2,4)) (mode i with i + N/2); "
+            "extra split {1,2}",
+            overrides={"tree": "interleaved", "splits": "1,2"},
+            tiny={**_tiny, "tree": "interleaved", "splits": "1,2"},
+        ),
+        Preset(
+            "htf-large",
+            "Razin, Maman & Cohen 2022: the gather path (end tensor never built)",
+            "order-8 completion, modes of 10 (1e8 entries), widths 64, ground truth widths 3, "
+            "20000 observed entries",
+            overrides={
+                "dims": (10,) * 8,
+                "widths": (64,),
+                "gt_widths": (3,),
+                "gt_norm": 100.0,
+                "num_observations": 20000,
+                "num_test": 5000,
+                "recon_sample": 20000,
+                "max_iterations": 20000,
+                "log_every": 50,
+            },
+            tiny={
+                **_tiny,
+                "dims": (3,) * 8,
+                "widths": (4,),
+                "gt_widths": (2,),
+                "num_observations": 300,
+                "num_test": 100,
+                "dense_max": 1000,
+            },
+        ),
+    )
+
+    def memory_estimate(self, cfg: HTFDynamicsConfig) -> Estimate:
+        return htf_memory(cfg)
+
+    def prepare(self, cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
+        return build_problem(cfg, device)
+
+    def build(self, cfg: HTFDynamicsConfig, prepared: Prepared) -> Dynamics:
+        root = htf_local_norms(prepared.params, prepared.tree)[-1]
+        start = root.amax(1).double().cpu().numpy()
+        optimizer = make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps)
+
+        def evaluate(f):
+            out = prepared.evaluate(f)
+            clock = getattr(optimizer, "time", None)
+            out["time"] = np.asarray(clock if clock else [0.0] * len(cfg.init_stds), float)
+            return out
+
+        return Dynamics(
+            key="init_std",
+            values=cfg.init_stds,
+            params=prepared.params,
+            loss_and_grad=lambda f: prepared.engine.loss_and_grad(f, prepared.loss),
+            evaluate=evaluate,
+            optimizer=optimizer,
+            stop=StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations),
+            recorder=Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
+            describe=lambda v: learned_now(v["root_local_norms"], start, cfg.learned_fraction),
+        )
+
+    def write_metrics(self, run_dir, key, values, recorder, top_k) -> None:
+        super().write_metrics(run_dir, key, values, recorder, top_k)
+        write_hierarchy(run_dir, recorder)
+
+    def summarize(self, cfg: HTFDynamicsConfig, its, arrays, state) -> dict:
+        return summarize_htf(cfg, cfg.mode_tree(), its, arrays, state)
+
+    def summary_text(self, summary: dict) -> str:
+        return htf_summary_text(summary)
+
+    def plot(self, run_dir):
+        return htf_figure(self, run_dir)
+
+
+EXPERIMENT = HTFDynamics()
