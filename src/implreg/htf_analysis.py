@@ -11,6 +11,7 @@ which :func:`local_exponent` checks from recorded trajectories.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,7 +88,10 @@ def split_spectra(end: Tensor, splits: Sequence[Split], k: int) -> dict[str, np.
     out: dict[str, np.ndarray] = {}
     for s in splits:
         mat = matricize(end, s.modes).double()
-        sv = torch.linalg.svdvals(mat)  # (B, min(P, Q)), descending
+        finite = torch.isfinite(mat).all(2).all(1)
+        sv = mat.new_full((mat.shape[0], min(mat.shape[1:])), math.nan)  # a diverged run: NaN
+        if bool(finite.any()):
+            sv[finite] = torch.linalg.svdvals(mat[finite])  # descending
         top = sv.new_zeros(sv.shape[0], k)
         top[:, : min(k, sv.shape[1])] = sv[:, :k]
         p = sv / sv.sum(1, keepdim=True).clamp_min(torch.finfo(sv.dtype).tiny)

@@ -318,8 +318,9 @@ class HTFDynamics(DynamicsExperiment):
 
         def evaluate(f):
             out = prepared.evaluate(f)
-            clock = getattr(optimizer, "time", None)
-            out["time"] = np.asarray(clock if clock else [0.0] * len(cfg.init_stds), float)
+            b = len(cfg.init_stds)
+            clock = getattr(optimizer, "time", None)  # Adam has none: no exponent check
+            out["time"] = np.asarray([np.nan] * b if clock is None else clock or [0.0] * b)
             return out
 
         return Dynamics(

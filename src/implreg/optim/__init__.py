@@ -119,30 +119,74 @@ def squared_norms(grads: Sequence[Tensor]) -> Tensor:
     return out
 
 
-class GD:
+class _Clock:
+    """Elapsed gradient-flow time per run, ``time[b] = sum_t eta_t`` over the steps run ``b``
+    took, indexed by the run's position in the first batch (runs dropped by ``compact``
+    keep their time)."""
+
+    time: list[float]
+    runs: list[int]
+
+    def _clock_start(self, n: int) -> None:
+        if not self.time:
+            self.time = [0.0] * n
+            self.runs = list(range(n))
+
+    def _tick(self, j: int, eta: float) -> None:
+        self.time[self.runs[j]] += eta
+
+    def _clock_compact(self, keep: Sequence[int]) -> None:
+        if self.runs:
+            self.runs = [self.runs[i] for i in keep]
+
+    def _clock_state(self) -> dict:
+        return {"time": list(self.time), "runs": list(self.runs)}
+
+    def _clock_load(self, state: dict, n: int) -> None:
+        # a state written before the clock existed: the time is unknown, not zero
+        self.time = [float(x) for x in state.get("time", [math.nan] * n)]
+        self.runs = [int(x) for x in state.get("runs", range(len(self.time)))]
+        if any(not 0 <= r < len(self.time) for r in self.runs) or (n and len(self.runs) != n):
+            raise ValueError(
+                f"state['time'] ({len(self.time)} runs) and state['runs'] must cover the {n} "
+                "runs of the optimizer state"
+            )
+
+
+class GD(_Clock):
     """Plain gradient descent ``theta <- theta - lr * g``."""
 
     name = "gd"
 
     def __init__(self, lr: float):
         self.lr = _check_rate("lr", lr)
+        self.time: list[float] = []
+        self.runs: list[int] = []
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
         _check_step(params, grads, active)
         _apply(params, [g * self.lr for g in grads], active)
+        act = active.tolist()
+        self._clock_start(len(act))
+        for j, a in enumerate(act):
+            if a:
+                self._tick(j, self.lr)
 
     def compact(self, keep: Sequence[int]) -> None:
-        """Keep only the runs at positions ``keep`` (GD has no state)."""
+        """Keep only the runs at positions ``keep`` (GD has no state but its clock)."""
         _check_keep(keep, None)
+        self._clock_compact(keep)
 
     def state_dict(self) -> dict:
-        return {}
+        return self._clock_state()
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if not isinstance(state, dict):
+            raise ValueError("state must be a dict (from state_dict())")
+        self._clock_load(state, len(state.get("runs", [])))
 
 
-class AdaptiveGD:
+class AdaptiveGD(_Clock):
     """Gradient descent with one global adaptive step per run (Razin et al. 2021, App. B.2).
 
     With ``g`` the concatenation of all gradients of a run:
@@ -150,8 +194,8 @@ class AdaptiveGD:
     ``v_hat = v_t / (1 - beta^t)``; ``eta_t = lr / (sqrt(v_hat) + eps)`` (eps after the
     square root); ``theta <- theta - eta_t g_t``.  The per-run scalars ``v`` and ``t``
     are Python floats (IEEE double): the bookkeeping costs no tensor operations.
-    ``time[b]`` is the run's elapsed gradient-flow time ``sum_t eta_t`` (what the
-    local dynamics ``d sigma / dt`` are measured against).
+    ``time[b]`` is run ``b``'s elapsed gradient-flow time ``sum_t eta_t`` (what the
+    local dynamics ``d sigma / dt`` are measured against; see :class:`_Clock`).
     """
 
     name = "adaptive"
@@ -163,6 +207,7 @@ class AdaptiveGD:
         self.v: list[float] = []
         self.t: list[int] = []
         self.time: list[float] = []
+        self.runs: list[int] = []
 
     def step_sizes(self, grads: Sequence[Tensor], active: Sequence[bool]) -> list[float]:
         """Advance ``v`` and ``t`` of active runs and return ``eta_t`` per run."""
@@ -172,7 +217,7 @@ class AdaptiveGD:
         if not self.v:
             self.v = [0.0] * len(sq)
             self.t = [0] * len(sq)
-            self.time = [0.0] * len(sq)
+            self._clock_start(len(sq))
         elif len(self.v) != len(sq):
             raise ValueError(
                 f"the optimizer holds the state of {len(self.v)} runs but grads have "
@@ -189,7 +234,7 @@ class AdaptiveGD:
                 self.lr / (math.sqrt(v_hat) + self.eps) if math.isfinite(v_hat) else math.nan
             )
             if active[b]:
-                self.time[b] += eta[-1]
+                self._tick(b, eta[-1])
         return eta
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
@@ -214,10 +259,10 @@ class AdaptiveGD:
         if self.v:
             self.v = [self.v[i] for i in keep]
             self.t = [self.t[i] for i in keep]
-            self.time = [self.time[i] for i in keep]
+            self._clock_compact(keep)
 
     def state_dict(self) -> dict:
-        return {"v": list(self.v), "t": list(self.t), "time": list(self.time)}
+        return {"v": list(self.v), "t": list(self.t), **self._clock_state()}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"v", "t"} <= state.keys():
@@ -228,12 +273,7 @@ class AdaptiveGD:
                 f"{len(state['v'])} and {len(state['t'])}"
             )
         self.v, self.t = list(state["v"]), list(state["t"])
-        # checkpoints written before the clock existed: its time is unknown, not zero
-        self.time = list(state.get("time", [math.nan] * len(self.v)))
-        if len(self.time) != len(self.v):
-            raise ValueError(
-                f"state['time'] must have one entry per run ({len(self.v)}), got {len(self.time)}"
-            )
+        self._clock_load(state, len(self.v))
 
 
 class Adam:
