@@ -193,6 +193,10 @@ CALIBRATION = [
             "workers": 1,
         },
     ),
+    # hierarchical tensor factorization, dense engine (order 4, widths 512; the figure peaks)
+    ("htf-dynamics", {"max_iterations": 2, "log_every": 1000}),
+    # hierarchical, gather engine over an order-8 tensor of 1e8 entries (never built)
+    ("htf-large", {"max_iterations": 2, "log_every": 1000}),
     # gather engine, factors of 3 x 40000 x 200 entries, sampled reconstruction error
     # (about 700 MB: on demand)
     pytest.param(

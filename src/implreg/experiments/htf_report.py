@@ -18,6 +18,9 @@ from implreg.runs import atomic_path, pyplot, reading, save_figure
 
 HIERARCHY = "hierarchy.npz"
 _ALLOCATOR = 1.25  # freed blocks malloc keeps, as in cp_dynamics
+# drawing the five-panel figure (matplotlib's Agg buffers and text layout): measured 60-99 MB
+# above the imports, more than the default run's arrays
+_FIGURE = 80 * 2**20
 
 
 def write_hierarchy(run_dir: Path, recorder) -> None:
@@ -166,7 +169,7 @@ def htf_memory(cfg: Any) -> Estimate:
     """Peak bytes of a run from the config: parameters (x4: values, gradients, the copy at
     the end, the recorder's norms), the engine's work (dense: the tables and their gradients,
     the end tensor; gather: chunks of observations through every node), the evaluation (the
-    end tensor in float64 and the matricizations' SVDs) and the records."""
+    end tensor in float64 and the matricizations' SVDs), the records and the figure."""
     from implreg.factorizations.htf_engine import choose_htf_method
 
     tree, widths = cfg.mode_tree(), cfg.width_arg(cfg.widths)
@@ -203,7 +206,7 @@ def htf_memory(cfg: Any) -> Estimate:
         obs = 16.0 * m * sum(cfg.dims) + (2.0 * m * half * s if method == "dense" else 0.0)
     parts.append(Estimate(obs, "num_observations", f"{m} observations"))
     peak = max(parts, key=lambda e: e.bytes)
-    total = sum(p.bytes for p in parts)
+    total = sum(p.bytes for p in parts) + _FIGURE
     return Estimate(total * _ALLOCATOR, peak.key, peak.what)
 
 
