@@ -139,12 +139,14 @@ class HTFDynamicsConfig:
     def step_flops(self) -> float:
         """Flops of one step of all runs (the thread policy of :mod:`implreg.threads`)."""
         tree, widths = self.mode_tree(), self.width_arg(self.widths)
-        method = self.method
+        method, m, sensing = self.method, self.num_observations, self.task == "sensing"
         if method == "auto":
             from implreg.factorizations.htf_engine import choose_htf_method
 
-            method = choose_htf_method(tree, self.dims, widths, self.num_observations)
-        flops = htf_step_flops(tree, self.dims, widths, self.num_observations, method)
+            method = choose_htf_method(tree, self.dims, widths, m)
+        flops = htf_step_flops(tree, self.dims, widths, m, method, sensing=sensing)
+        if sensing and method == "dense":
+            flops += 2.0 * m * math.prod(self.dims)
         return 2.0 * flops * len(self.init_stds)
 
 

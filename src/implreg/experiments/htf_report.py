@@ -186,6 +186,12 @@ def htf_memory(cfg: Any) -> Estimate:
         parts.append(Estimate(3.0 * b * tables * s, "widths", "the tables of the tree's nodes"))
         parts.append(Estimate(3.0 * b * size * s, "dims", f"end tensors of {size:.3g} entries"))
     else:
+        tables = sum(
+            rows[v] * (shapes[v][0] + shapes[v][1])
+            for v in tree.internal[:-1]
+            if rows[v] <= cfg.num_observations
+        )
+        parts.append(Estimate(3.0 * b * tables * s, "widths", "the tables of the small nodes"))
         chunk = min(4096, cfg.num_observations)
         per = sum(sh[-1] for sh in shapes[:-1]) + sum(
             sh[0] for v, sh in enumerate(shapes) if v in tree.internal

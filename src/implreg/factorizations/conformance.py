@@ -428,14 +428,16 @@ def gather_htf_completion_example(
     m: int | None = None,
     chunk: int | None = None,
 ) -> EngineExample:
-    """Hierarchical tensor completion pushing chunks of observations up a random tree."""
+    """Hierarchical tensor completion pushing chunks of observations up a random tree from
+    dense tables of its small nodes (random ``table_max``)."""
     params, dims, tree, info = _htf_params(generator, dtype, batch, dims, tree)
     m = _num_obs(generator, m, math.prod(dims))
     chunk = _choice(generator, [1, 3, 7, 4096]) if chunk is None else chunk
+    table_max = _choice(generator, [0, 2, 6, None, 10**9])  # leaves only ... every node
     idx = torch.stack([torch.randint(0, d, (m,), generator=generator) for d in dims], dim=1)
     y = _normal(generator, m, dtype=dtype)
-    engine = GatherHTFCompletion(tree, dims, idx, y, chunk=chunk)
-    info = {**info, "m": m, "chunk": chunk}
+    engine = GatherHTFCompletion(tree, dims, idx, y, chunk=chunk, table_max=table_max)
+    info = {**info, "m": m, "chunk": chunk, "table_max": table_max}
     return EngineExample(engine, params, _htf_end(tree), _entries(idx), y, info)
 
 
