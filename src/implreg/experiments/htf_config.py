@@ -1,0 +1,124 @@
+"""The configuration of the HTF dynamics experiment (:mod:`implreg.experiments.htf_dynamics`):
+the published setting of Razin, Maman & Cohen (ICML 2022; REFERENCE §4), its checks, and the
+step's work for the thread policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from implreg.config import ConfigError, param, require
+from implreg.factorizations.htf import ModeTree
+from implreg.factorizations.htf_engine import DENSE_MAX, htf_step_flops
+from implreg.htf_analysis import parse_splits
+
+
+@dataclass(frozen=True)
+class HTFDynamicsConfig:
+    """Settings of the HTF dynamics experiment; defaults are the published setting
+    (Razin, Maman & Cohen 2022; REFERENCE §4), with a 100k iteration cap (the authors': 500k)."""
+
+    dims: tuple[int, ...] = param((16, 16, 16, 16), ge=1, min_len=2, doc="mode sizes")
+    tree: str = param(
+        "adjacent", doc="mode tree: adjacent, adjacent:P, interleaved or groups like ((1,2),(3,4))"
+    )
+    widths: tuple[int, ...] = param((512, 512), ge=1, doc="local components per level (or one)")
+    gt_widths: tuple[int, ...] = param((5, 5), ge=1, doc="ground truth widths (HT ranks)")
+    gt_norm: float = param(64.0, gt=0, doc="Frobenius norm of the ground truth")
+    task: Literal["completion", "sensing"] = "completion"
+    num_observations: int = param(2048, ge=1, doc="observed entries or rank-one measurements")
+    num_test: int = param(2048, ge=1, doc="held-out entries for the reconstruction error")
+    init_stds: tuple[float, ...] = param((0.01,), gt=0, doc="one run per init std")
+    loss: Literal["l2", "huber", "l1"] = "l2"
+    huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
+    optimizer: Literal["adaptive", "gd", "adam"] = "adaptive"
+    lr: float = param(0.01, gt=0)
+    eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
+    tol: float = param(5e-5, ge=0, doc="stop once the train loss stays below tol ...")
+    patience: int = param(101, ge=1, doc="... for this many checks ...")
+    check_every: int = param(25, ge=1, doc="... made every this many iterations")
+    max_iterations: int = param(100_000, ge=1)
+    log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
+    max_records: int = param(4000, ge=4)
+    top_k: int = param(10, ge=1, doc="trajectories drawn per node")
+    top_svals: int = param(10, ge=1, doc="singular values recorded per matricization")
+    learned_fraction: float = param(0.1, gt=0, lt=1, doc="a component left zero above this")
+    splits: str = param("1,3", doc="extra matricizations (1-based modes, ';' between)")
+    method: Literal["auto", "dense", "gather"] = param("auto", doc="gradient engine")
+    dtype: Literal["float32", "float64"] = "float32"
+    recon_sample: int = param(100_000, ge=1, doc="entries sampled for the full error when large")
+    dense_max: int = param(1 << 22, ge=1, doc="largest end tensor built for metrics")
+    seed: int = param(0, ge=0)
+
+    def mode_tree(self) -> ModeTree:
+        try:
+            return ModeTree.parse(self.tree, len(self.dims))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"tree: {err}") from None
+
+    def width_arg(self, widths: tuple[int, ...]) -> Any:
+        return widths[0] if len(widths) == 1 else list(widths)
+
+    def check(self) -> None:
+        tree = self.mode_tree()
+        for key in ("widths", "gt_widths"):
+            try:
+                tree.resolve_widths(self.width_arg(getattr(self, key)))
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{key}: {err}") from None
+        try:
+            parse_splits(self.splits, len(self.dims))
+        except ValueError as err:
+            raise ConfigError(f"splits: {err}") from None
+        size = math.prod(self.dims)
+        if self.task == "completion":
+            require(
+                self.num_observations + self.num_test <= size,
+                f"num_observations + num_test = {self.num_observations + self.num_test} is "
+                f"larger than the tensor's {size} entries",
+            )
+        else:
+            require(self.num_test <= size, f"num_test is larger than the tensor's {size} entries")
+        require(
+            self.loss != "huber" or self.huber_delta > 0, "the huber loss needs huber_delta > 0"
+        )
+        require(
+            self.method != "dense" or size <= DENSE_MAX,
+            f"method=dense builds all {size} entries each step (at most {DENSE_MAX}); "
+            "use method=gather",
+        )
+
+    def preferred_threads(self) -> int:
+        """Two threads when the dense step's node products are large, else the flop policy.
+
+        Measured 2026-11-30 (``bench/bench_htf_step.py``, widths 512): 78 it/s on one
+        thread, 135 on two on a quiet machine; beside a busy process (with the passive
+        OpenMP wait ``implreg`` sets) 76 against 73.5.  Below that size, one thread."""
+        from implreg.threads import MIN_WORK_PER_THREAD
+
+        tree, widths = self.mode_tree(), self.width_arg(self.widths)
+        shapes = tree.shapes(self.dims, widths)
+        biggest = max(
+            (
+                math.prod(self.dims[m] for m in tree.nodes[v]) * shapes[v][0] * shapes[v][1]
+                for v in tree.internal[:-1]
+            ),
+            default=0,
+        )
+        if self.method != "gather" and math.prod(self.dims) <= DENSE_MAX and biggest >= 1 << 26:
+            return 2
+        return max(1, int(self.step_flops() // MIN_WORK_PER_THREAD))
+
+    def step_flops(self) -> float:
+        """Flops of one step of all runs (the thread policy of :mod:`implreg.threads`)."""
+        tree, widths = self.mode_tree(), self.width_arg(self.widths)
+        method, m, sensing = self.method, self.num_observations, self.task == "sensing"
+        if method == "auto":
+            from implreg.factorizations.htf_engine import choose_htf_method
+
+            method = choose_htf_method(tree, self.dims, widths, m)
+        flops = htf_step_flops(tree, self.dims, widths, m, method, sensing=sensing)
+        if sensing and method == "dense":
+            flops += 2.0 * m * math.prod(self.dims)
+        return 2.0 * flops * len(self.init_stds)
