@@ -659,3 +659,17 @@ def test_a_run_stopping_early_keeps_the_other_runs_clock(tmp_path):
         upto = its <= s
         assert time[0, b] == 0 and np.all(np.diff(time[upto, b]) > 0)
         assert np.isnan(time[~upto, b]).all()
+
+
+def test_thread_policy_gives_the_large_dense_step_two_threads():
+    """Measured (bench/bench_htf_step.py): the width-512 dense step runs 1.7x faster on two
+    threads; the small and the gather steps stay on the flop policy (one thread)."""
+    from implreg.threads import threads_for_config
+
+    big = PRESETS["htf-dynamics"].config
+    assert threads_for_config(big, cores=2) == 2
+    assert threads_for_config(big, cores=1) == 1
+    assert threads_for_config(big, requested=1, cores=2) == 1
+    assert threads_for_config(PRESETS["htf-large"].config, cores=2) == 1
+    assert threads_for_config(_tiny("htf-dynamics"), cores=2) == 1
+    assert threads_for_config(with_overrides(big, {"method": "gather"}), cores=2) == 1
