@@ -135,6 +135,20 @@ def test_make_loss():
     assert make_loss("huber", huber_delta=1).delta == 1.0
 
 
+def test_l1_loss_is_the_absolute_value_with_its_sign():
+    from implreg.losses import L1Loss
+
+    z = torch.tensor([-2.0, -1e-30, 0.0, 3.5], dtype=torch.float64)
+    value, slope = make_loss("l1").pointwise(z)
+    assert isinstance(make_loss("l1"), L1Loss)
+    assert torch.equal(value, z.abs()) and torch.equal(
+        slope, torch.tensor([-1.0, -1, 0, 1]).double()
+    )
+    x = z.clone().requires_grad_()
+    x.abs().sum().backward()
+    assert torch.equal(slope, x.grad)  # autograd's subgradient at 0 is 0 too
+
+
 def test_make_loss_errors():
     with pytest.raises(ValueError, match="needs huber_delta"):
         make_loss("huber")
@@ -143,6 +157,6 @@ def test_make_loss_errors():
     with pytest.raises(ValueError, match="huber_delta"):
         make_loss("huber", huber_delta=math.nan)
     with pytest.raises(ValueError, match="unknown loss"):
-        make_loss("l1")
+        make_loss("l3")
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("L2")

@@ -129,6 +129,17 @@ class _Engine:
         if params[0].device != self.y.device:
             raise ValueError(f"params are on {params[0].device} but y is on {self.y.device}")
 
+    def _observe(self, tree: ModeTree, dims: Sequence[int], idx: Tensor, y: Tensor) -> None:
+        """Checked observed entries ``idx (m, N)`` and targets ``y (m,)`` of a completion."""
+        self.tree = tree
+        self.dims = _check_tree_dims(tree, dims)
+        _check_index_tuples("idx", idx, self.dims)
+        self.m = int(idx.shape[0])
+        if self.m < 1:
+            raise ValueError("idx must hold at least one observation")
+        self.y = _check_targets("y", y, self.m)
+        self.idx = idx.to(y.device)
+
     def _loss(self, pred: Tensor, loss: PointwiseLoss) -> tuple[Tensor, Tensor]:
         value, slope = loss.pointwise(pred - self.y)
         return value.mean(1), slope / self.m
@@ -177,14 +188,7 @@ class DenseHTFCompletion(_Engine):
     built each step (for end tensors up to about ``DENSE_MAX`` entries)."""
 
     def __init__(self, tree: ModeTree, dims: Sequence[int], idx: Tensor, y: Tensor):
-        self.tree = tree
-        self.dims = _check_tree_dims(tree, dims)
-        _check_index_tuples("idx", idx, self.dims)
-        self.m = int(idx.shape[0])
-        if self.m < 1:
-            raise ValueError("idx must hold at least one observation")
-        self.y = _check_targets("y", y, self.m)
-        self.idx = idx.to(y.device)
+        self._observe(tree, dims, idx, y)
         self.pos = layout_index(self.idx, tree, self.dims)
         kids = tree.children[tree.root]
         self.p_last = math.prod(self.dims[m] for m in tree.layout(kids[-1]))
@@ -389,14 +393,7 @@ class GatherHTFCompletion(_GatherEngine):
         chunk: int = 4096,
         table_max: int | None = None,
     ):
-        self.tree = tree
-        self.dims = _check_tree_dims(tree, dims)
-        _check_index_tuples("idx", idx, self.dims)
-        self.m = int(idx.shape[0])
-        if self.m < 1:
-            raise ValueError("idx must hold at least one observation")
-        self.y = _check_targets("y", y, self.m)
-        self.idx = idx.to(y.device)
+        self._observe(tree, dims, idx, y)
         self.chunk = _check_int("chunk", chunk, minimum=1)
         table_max = self.m if table_max is None else _check_int("table_max", table_max, minimum=0)
         self._setup_tables(table_max)
