@@ -673,3 +673,18 @@ def test_thread_policy_gives_the_large_dense_step_two_threads():
     assert threads_for_config(PRESETS["htf-large"].config, cores=2) == 1
     assert threads_for_config(_tiny("htf-dynamics"), cores=2) == 1
     assert threads_for_config(with_overrides(big, {"method": "gather"}), cores=2) == 1
+
+
+def test_seed_sweep_counts_the_ground_truth_root_width(tmp_path):
+    """`implreg sweep htf-dynamics --seeds`: the aggregate judges each seed against the
+    ground truth's root width (gt_widths[-1]), the HTF analogue of gt_rank."""
+    import json
+
+    tiny = dict(PRESETS["htf-dynamics"].tiny)
+    sets = [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in tiny.items()]
+    args = ["sweep", "htf-dynamics", "--seeds", "0-1", "--out", str(tmp_path / "s")]
+    assert main([*args, *[x for s in sets for x in ("--set", s)], "--no-progress"]) == 0
+    agg = json.loads((tmp_path / "s" / "aggregate.json").read_text())
+    assert _tiny("htf-dynamics").expected_components() == tiny["gt_widths"][-1]
+    for entry in agg["runs"]:
+        assert 0.0 <= entry["exactly_gt_rank_learned_fraction"] <= 1.0

@@ -254,6 +254,8 @@ def aggregate(exp: Any, cfg: Any, folders: list[Path], seeds: list[int]) -> dict
     if not isinstance(exp, DynamicsExperiment):
         return out
     k = getattr(cfg, "gt_rank", None)
+    if k is None and callable(getattr(cfg, "expected_components", None)):
+        k = cfg.expected_components()  # e.g. the root width of an HTF ground truth
     errors = np.array([[r["final_reconstruction_error"] for r in s] for s in per_seed])
     stds = np.asarray(cfg.init_stds)
     order = np.argsort(stds)  # smallest init first: its error should be the smallest

@@ -89,6 +89,11 @@ class HTFDynamicsConfig:
             "use method=gather",
         )
 
+    def expected_components(self) -> int:
+        """Root local components of the ground truth: how many a run should learn."""
+        tree = self.mode_tree()
+        return tree.resolve_widths(self.width_arg(self.gt_widths))[-1]
+
     def preferred_threads(self) -> int:
         """Two threads when the dense step's node products are large, else the flop policy.
 
