@@ -96,7 +96,11 @@ def map_local(
 
     if not items:
         return False
-    ctx = multiprocessing.get_context("fork")
+    # Forking a process that has run Ray (its gRPC threads outlive ray.shutdown) can
+    # crash the child (seen: SIGSEGV in a worker of a local grid run after a Ray test in
+    # the same process); then the workers start from a clean server process instead.
+    after_ray = any(name in sys.modules for name in ("ray", "grpc"))
+    ctx = multiprocessing.get_context("forkserver" if after_ray else "fork")
     queue = list(enumerate(items))
     running: dict[Any, tuple[int, Any]] = {}  # connection -> (item index, process)
     try:
