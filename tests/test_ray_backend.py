@@ -79,6 +79,17 @@ def _processes() -> dict[int, tuple[int, str, str]]:
     return table
 
 
+def _multiprocessing_helper(pid: int) -> bool:
+    """The fork server and resource tracker of ``multiprocessing`` (the local backend starts
+    them once Ray is loaded in this process; they live as long as it, and are not Ray's)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"multiprocessing.forkserver" in cmd or b"multiprocessing.resource_tracker" in cmd
+
+
 def _descendants() -> dict[int, str]:
     """``pid -> start time`` of this process's descendants (Ray's raylet, GCS, workers)."""
     table = _processes()
@@ -89,7 +100,7 @@ def _descendants() -> dict[int, str]:
             if ppid == parent and pid not in found:
                 found[pid] = start
                 frontier.append(pid)
-    return found
+    return {pid: start for pid, start in found.items() if not _multiprocessing_helper(pid)}
 
 
 def _assert_gone(snapshot: dict[int, str], wait: float = 10.0) -> None:
