@@ -27,9 +27,9 @@ from implreg.runs import CHECKPOINT, CONFIG, SUMMARY, read_json, write_json
 
 # (key, preset, figure label, what is tracked)
 PANELS = (
-    ("mf", "mf-dynamics", "deep matrix factorization (depth 3)", "singular value"),
-    ("tf", "tf-dynamics", "tensor factorization (CP)", "component norm"),
-    ("htf", "htf-dynamics", "hierarchical tensor factorization", "root local component norm"),
+    ("mf", "mf-dynamics", "matrix (depth 3)", "singular value"),
+    ("tf", "tf-dynamics", "tensor (CP)", "component norm"),
+    ("htf", "htf-dynamics", "hierarchical (root)", "local component norm"),
 )
 TOP = 5  # components drawn and tabled per panel (the published figure's five)
 
@@ -183,7 +183,7 @@ class DynamicsTrio(Experiment):
     def plot(self, run_dir: Path) -> list[Path]:
         """``figure.png``: the three panels' top components over iterations."""
         series = [(label, *self._series(run_dir, k)) for k, _, label, _ in PANELS]
-        return topk_figure(run_dir, series, top_k=TOP, what="top component")
+        return topk_figure(run_dir, series, top_k=TOP, what="component")
 
 
 EXPERIMENT = DynamicsTrio()
