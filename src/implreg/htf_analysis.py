@@ -2,11 +2,11 @@
 
 Razin, Maman & Cohen (ICML 2022): the hierarchical tensor rank of a tensor with
 respect to a mode tree is the tuple of ranks of its matricizations over the modes
-of every tree node (Definition 1); gradient descent from a small initialization
+of every tree node (Razin's 2022 blog post); gradient descent from a small initialization
 keeps it low, while matricizations over splits that are not tree nodes (the
 published {1,3} for the tree ((1,2),(3,4))) are not constrained.  Local component
-norms evolve as ``dσ/dt = K γ σ^{2 - 2/K}`` (Theorem 1, ``K`` = children + 1),
-which :func:`local_exponent` checks from recorded trajectories.
+norms evolve as ``dσ/dt = K γ σ^{2 - 2/K}`` (the blog post's informal theorem,
+``K`` = children + 1), which :func:`local_exponent` checks from recorded trajectories.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def local_exponent(
     ``sigma`` one component's norm there.  Finite differences between consecutive
     records, each placed at the geometric mean of its two norms; only growing steps
     count.  Returns ``(slope, points)``, or ``None`` with fewer than 4 points.
-    Theorem 1 predicts ``2 - 2/K`` (4/3 for binary trees) while ``γ`` stays about constant.
+    The theorem predicts ``2 - 2/K`` (4/3 for binary trees) while ``γ`` stays about constant.
     """
     t = np.asarray(time, dtype=np.float64)
     s = np.asarray(sigma, dtype=np.float64)

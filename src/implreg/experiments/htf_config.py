@@ -1,6 +1,6 @@
 """The configuration of the HTF dynamics experiment (:mod:`implreg.experiments.htf_dynamics`):
-the published setting of Razin, Maman & Cohen (ICML 2022; REFERENCE §4), its checks, and the
-step's work for the thread policy."""
+the published setting of Razin, Maman & Cohen (ICML 2022), its checks, and the step's work
+for the thread policy."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from implreg.htf_analysis import parse_splits
 @dataclass(frozen=True)
 class HTFDynamicsConfig:
     """Settings of the HTF dynamics experiment; defaults are the published setting
-    (Razin, Maman & Cohen 2022; REFERENCE §4), with a 100k iteration cap (the authors': 500k)."""
+    (Razin, Maman & Cohen 2022), with a 100k iteration cap (the authors': 500k)."""
 
     dims: tuple[int, ...] = param((16, 16, 16, 16), ge=1, min_len=2, doc="mode sizes")
     tree: str = param(

@@ -1,16 +1,16 @@
 """Dynamics of gradient descent over hierarchical tensor factorization.
 
-Razin, Maman & Cohen, "Implicit Regularization in Hierarchical Tensor
-Factorization and Deep Convolutional Neural Networks" (ICML 2022), Section 5
-and the 2022 blog post's figure: an order-4 tensor of hierarchical tensor rank
-at most 5 is completed from 2048 entries by a factorization of widths 512 from
-a small initialization.  Local components of every node leave zero one after
-another (``dσ/dt ∝ σ^{2 - 2/3}``, Theorem 1), so the matricizations over the
-tree's nodes keep low rank while a non-tree split ({1,3}) does not.  Recorded
-over time, tracked by identity: every internal node's local component norms,
-the top singular values and effective rank of every tree matricization and of
-the extra splits, held-out and full-tensor reconstruction errors,
-unbalancedness, and the gradient-flow time (for the exponent check).
+Razin, Maman & Cohen, "Implicit Regularization in Hierarchical Tensor Factorization and
+Deep Convolutional Neural Networks" (ICML 2022), its synthetic experiments with the
+authors' published settings and the 2022 blog post's figure: an order-4 tensor of
+hierarchical tensor rank at most 5 is completed from 2048 entries by a factorization of
+widths 512 from a small initialization. Local components of every node leave zero one
+after another (``dσ/dt ∝ σ^{2 - 2/3}``, the blog post's informal theorem), so the
+matricizations over the tree's nodes keep low rank while a non-tree split ({1,3}) does
+not. Recorded over time, tracked by identity: every internal node's local component
+norms, the top singular values and effective rank of every tree matricization and of the
+extra splits, held-out and full-tensor reconstruction errors, unbalancedness, and the
+gradient-flow time (for the exponent check).
 """
 
 from __future__ import annotations
@@ -168,14 +168,14 @@ class HTFDynamics(DynamicsExperiment):
     presets = (
         Preset(
             "htf-dynamics",
-            "Razin, Maman & Cohen 2022 (ICML), Figure 2; Razin 2022 blog, HTF panel",
+            "Razin, Maman & Cohen 2022 (ICML), local components; Razin 2022 blog, HTF panel",
             "HTF completion of an order-4 tensor (modes of 16, HT ranks <= 5) from 2048 entries, "
             "widths 512, init std 0.01: local component norms, matricization spectra",
             tiny=_tiny,
         ),
         Preset(
             "htf-sensing",
-            "Razin, Maman & Cohen 2022, Appendix (rank-one tensor sensing)",
+            "Razin, Maman & Cohen 2022 (rank-one tensor sensing)",
             "as htf-dynamics with y_i = <x_i1 (x) ... (x) x_i4, W*>, x_in ~ N(0, E^(-1/4) I)",
             overrides={"task": "sensing"},
             tiny={**_tiny, "task": "sensing"},

@@ -43,8 +43,8 @@ def load_hierarchy(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _exponents(time: np.ndarray, traj: np.ndarray, learned: list[dict], start: float) -> dict:
-    """Theorem 1's exponent fitted on each learned component's plateau escape: from 10x its
-    initial norm to 30% of its final norm (γ about constant there)."""
+    """The local dynamics' exponent (2 - 2/K) fitted on each learned component's plateau
+    escape: from 10x its initial norm to 30% of its final norm (γ about constant there)."""
     fits = []
     for c in learned:
         r, final = c["component"], c["final_norm"]
@@ -160,7 +160,7 @@ def htf_summary_text(summary: dict) -> str:
         if exp is not None:
             lines.append(
                 f"  local dynamics exponent (log dσ/dt vs log σ, plateau escapes): median "
-                f"{exp:.3g} over {len(r['exponent']['fits'])} components (Theorem 1: 4/3)"
+                f"{exp:.3g} over {len(r['exponent']['fits'])} components (theory: 4/3)"
             )
     return "\n".join(lines)
 

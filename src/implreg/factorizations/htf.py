@@ -1,25 +1,24 @@
 """Hierarchical tensor factorization (HTF) over any mode tree, batched over runs.
 
-Razin, Maman & Cohen, "Implicit Regularization in Hierarchical Tensor
-Factorization and Deep Convolutional Neural Networks" (ICML 2022), Section 3
-(eq. 4): a mode tree over the ``N`` modes; each leaf ``n`` holds a matrix
-``W_n`` of shape ``d_n x R_parent``, each other non-root node ``v`` its own
-``R_v x R_parent`` matrix (nothing shared), the root an output vector
-``w_out`` of length ``R_root``.  An entry of the end tensor is computed up the
-tree::
+Razin, Maman & Cohen, "Implicit Regularization in Hierarchical Tensor Factorization and
+Deep Convolutional Neural Networks" (ICML 2022), as described in Razin's 2022 blog post
+on it: a mode tree over the ``N`` modes; each leaf ``n`` holds
+a matrix ``W_n`` of shape ``d_n x R_parent``, each other non-root node ``v`` its own ``R_v
+x R_parent`` matrix (nothing shared), the root an output vector ``w_out`` of length
+``R_root``. An entry of the end tensor is computed up the tree::
 
     h_leaf(n) = W_n[i_n, :]
     h_v       = (prod_{c in children(v)} h_c) W_v        (Hadamard product)
     value     = (prod_{c in children(root)} h_c) . w_out
 
-which is the network view of the paper's Figure 1: one-hot inputs, a
+which is the network view of the blog post (a deep convolutional network): one-hot inputs, a
 locally connected layer per leaf, product pooling over the tree.  The local
 component ``r`` of an internal node ``v`` is the rank-one term formed by
 column ``r`` of each child's matrix and row ``r`` of ``W_v``; its norm
 ``prod_c ||W_c[:, r]|| * ||W_v[r, :]||`` (``|w_out[r]|`` at the root) evolves
-as ``dσ/dt ∝ σ^{2 - 2/K}`` with ``K`` = children + 1 (paper Theorem 1), and
+as ``dσ/dt ∝ σ^{2 - 2/K}`` with ``K`` = children + 1 (the blog post's informal theorem), and
 the hierarchical tensor rank is read from the matricizations of the end tensor
-over the modes of each tree node (paper Definition 1).
+over the modes of each tree node (hierarchical tensor rank, as in the blog post).
 
 Parameters are one tensor per node, in node order, each with the batch of
 runs as its first axis (like :mod:`implreg.factorizations.cp`):
@@ -487,9 +486,10 @@ def htf_values(
 
 
 def htf_network(params: Sequence[Tensor], tree: ModeTree, inputs: Sequence[Tensor]) -> Tensor:
-    """The network view (paper Figure 1): inputs ``(m, d_n)`` per mode (one-hot rows give the
-    entries of the end tensor), a locally connected layer per leaf, product pooling over the
-    tree and a linear output.  ``(B, m)``; differentiable by autograd."""
+    """The network view (the blog post's convolutional network): inputs ``(m, d_n)`` per mode
+    (one-hot rows give the entries of the end tensor), a locally connected layer per leaf,
+    product pooling over the tree and a linear output. ``(B, m)``; differentiable by
+    autograd."""
     _, dims = check_params(params, tree)
     if len(inputs) != tree.order:
         raise ValueError(f"inputs must hold {tree.order} tensors (one per mode), got {len(inputs)}")
@@ -528,8 +528,8 @@ def htf_local_norms(params: Sequence[Tensor], tree: ModeTree) -> list[Tensor]:
 
 def htf_unbalancedness(params: Sequence[Tensor], tree: ModeTree) -> Tensor:
     """``max_{v, r} (max - min)`` of the squared norms of the factors of local component ``r``
-    of node ``v``, ``(B,)``; conserved by gradient flow (paper Lemma 1, per local
-    factorization)."""
+    of node ``v``, ``(B,)``; conserved by gradient flow (as Lemma 1 of Razin et al. 2021
+    for CP, per local factorization)."""
     batch, _ = check_params(params, tree)
     out = params[0].new_zeros(batch)
     for v in tree.internal:

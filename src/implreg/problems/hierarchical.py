@@ -1,5 +1,5 @@
 """Ground truths of low hierarchical tensor rank and their observations (Razin, Maman & Cohen,
-ICML 2022, Section 5 and Appendix: synthetic completion and sensing).
+ICML 2022: synthetic completion and sensing, the authors' published settings).
 
 The ground truth is the hierarchical tensor factorization itself at small widths
 (HT ranks at most the widths, 5 in the paper) with i.i.d. ``N(0, 1)`` parameters,
