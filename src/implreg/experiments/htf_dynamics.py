@@ -174,6 +174,14 @@ class HTFDynamics(DynamicsExperiment):
             tiny=_tiny,
         ),
         Preset(
+            "htf-more-entries",
+            "Razin, Maman & Cohen 2022: the published picture at the published scale",
+            "as htf-dynamics with 4096 observed entries (published: 2048, from which runs "
+            "here overfit) and init std 0.03 (the plateau ends in ~1k iterations, not ~1e5)",
+            overrides={"num_observations": 4096, "init_stds": (0.03,)},
+            tiny=_tiny,
+        ),
+        Preset(
             "htf-sensing",
             "Razin, Maman & Cohen 2022 (rank-one tensor sensing)",
             "as htf-dynamics with y_i = <x_i1 (x) ... (x) x_i4, W*>, x_in ~ N(0, E^(-1/4) I)",
