@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from implreg.config import ConfigError, param, require
 from implreg.factorizations.htf import ModeTree
 from implreg.factorizations.htf_engine import DENSE_MAX, htf_step_flops
@@ -61,6 +63,17 @@ class HTFDynamicsConfig:
         return widths[0] if len(widths) == 1 else list(widths)
 
     def check(self) -> None:
+        # every number must fit the dtype it is computed in, squared (losses square it)
+        big = math.sqrt(torch.finfo(getattr(torch, self.dtype)).max) / 10
+        for key in ("gt_norm", "huber_delta", "lr", "tol"):
+            value = abs(getattr(self, key))
+            require(
+                value <= big, f"{key}={value:g} is too large for {self.dtype} (at most {big:.3g})"
+            )
+        require(
+            max(self.init_stds) <= big,
+            f"init_stds={max(self.init_stds):g} is too large for {self.dtype} (at most {big:.3g})",
+        )
         tree = self.mode_tree()
         for key in ("widths", "gt_widths"):
             try:

@@ -115,6 +115,8 @@ def build_problem(cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
     dense = math.prod(cfg.dims) <= cfg.dense_max
     if dense:
         truth_flat = truth.dense().reshape(-1).to(dev)
+        test_lin = torch.as_tensor(np.ravel_multi_index(test_idx.T.cpu().numpy(), cfg.dims))
+        test_lin = test_lin.to(dev)
     else:
         egen = torch.Generator().manual_seed(cfg.seed + 2)
         eidx = sample_indices(cfg.dims, min(cfg.recon_sample, math.prod(cfg.dims)), generator=egen)
@@ -129,8 +131,7 @@ def build_problem(cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
         if dense:
             end = htf_to_tensor(f, tree)
             flat = end.reshape(end.shape[0], -1)
-            lin = np.ravel_multi_index(test_idx.T.cpu().numpy(), cfg.dims)
-            out["reconstruction_error"] = errors(flat[:, torch.as_tensor(lin, device=dev)], test_y)
+            out["reconstruction_error"] = errors(flat[:, test_lin], test_y)
             out["full_reconstruction_error"] = errors(flat, truth_flat)
             out.update(split_spectra(end, splits, cfg.top_svals))
         else:
