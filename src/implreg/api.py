@@ -173,7 +173,9 @@ def resolve(
         if not has_data:
             raise ConfigError(f"{preset} reads no data; data_dir does not apply")
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
-    if has_data:
+    if has_data and hasattr(cfg, "resolve_paths"):  # paths it reads, made absolute
+        cfg = cfg.resolve_paths()
+    if has_data and getattr(cfg, "needs_data_dir", lambda: True)():
         from implreg.problems.images import resolve_data_dir
 
         try:

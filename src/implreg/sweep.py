@@ -73,7 +73,11 @@ def unit_path(run_dir: Path, name: str) -> Path:
 
 
 def _spec(unit: Any) -> dict:
-    return json.loads(json.dumps({"type": type(unit).__name__, **to_mapping(unit)}))
+    """A unit's settings as saved beside its result, without its ``transient`` fields (where
+    it works, such as a checkpoint folder: moving a run folder does not invalidate it)."""
+    skip = set(getattr(type(unit), "transient", ()))
+    fields = {k: v for k, v in to_mapping(unit).items() if k not in skip}
+    return json.loads(json.dumps({"type": type(unit).__name__, **fields}))
 
 
 def load_results(run_dir: Path, units: Sequence[Any]) -> dict[str, Any]:

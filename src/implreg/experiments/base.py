@@ -243,10 +243,15 @@ class GridExperiment(Experiment):
     def strip(self, result: dict) -> dict:
         return {k: v for k, v in result.items() if k != self.bulky}
 
+    def bind(self, grid: list, run_dir: Path) -> list:
+        """The units as run in ``run_dir``: a hook for units that keep their own checkpoints
+        there (in fields the unit class names ``transient``).  Default: unchanged."""
+        return grid
+
     def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
         from implreg.sweep import load_results, run_grid
 
-        grid = self.units(cfg, ctx.device)
+        grid = self.bind(self.units(cfg, ctx.device), ctx.run_dir)
         done = load_results(ctx.run_dir, grid)
         bar = ctx.bar(len(grid), len(done), unit="unit")
 
