@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import math
+import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,10 @@ settings.register_profile(
     "implreg", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("implreg")
+
+# Generated datasets (Pathfinder) are cached here, not in the user's ~/.cache.
+os.environ["IMPLREG_CACHE_DIR"] = tempfile.mkdtemp(prefix="implreg-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IMPLREG_CACHE_DIR"], ignore_errors=True)
 
 
 @st.composite

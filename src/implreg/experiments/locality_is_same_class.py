@@ -1,0 +1,220 @@
+"""Is-Same-Class: are two images, placed a gap apart, of one class? (ICML 2022, Section 6).
+
+Razin, Maman & Cohen 2022 place two CIFAR-10 images on a 224 x 224 zero
+canvas with a horizontal gap d and ask whether they are of one class; a
+ResNet18 falls to chance as d grows (61.3% at d = 0, 50.5% at d = 160) and the
+locality penalty (lambda 1) holds it near 58.5-60.5%.  Here the image set is
+any labelled set: MNIST / Fashion-MNIST from ``--data-dir``, or a ``.npz`` with
+``images`` and ``labels`` (CIFAR-10 or anything else).  The regularizer's patch
+pair is the two image locations (I one of them at random, J the other).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from implreg.config import param, require
+from implreg.experiments.base import Preset
+from implreg.experiments.locality import LocalityConfig, LocalityExperiment, TrainUnit
+from implreg.sweep import worker_cache
+
+CPU = {  # the pilot's configuration (README): MNIST at 7 px on a 32 px canvas, a small CNN
+    "distances": (0, 18),
+    "lambdas": (0.0, 0.1),
+    "model": "cnn",
+    "width": 16,
+    "depth": 5,
+    "stem": "small",
+    "image_size": 7,
+    "canvas": 32,
+    "n_train": 5000,
+    "n_test": 2000,
+    "epochs": 12,
+    "batch_size": 64,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "patience": 5,
+}
+PAPER = {
+    "distances": (0, 40, 80, 120, 160),
+    "lambdas": (0.0, 0.1, 1.0),
+    "model": "resnet18",
+    "width": 64,
+    "depth": 4,
+    "stem": "imagenet",
+    "image_size": 32,
+    "canvas": 224,
+    "n_train": 5000,
+    "n_test": 10000,
+    "epochs": 150,
+    "batch_size": 64,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "patience": 20,
+}
+
+
+@dataclass(frozen=True)
+class IsSameClassConfig(LocalityConfig):
+    """Is-Same-Class settings.  ``source``: ``mnist``, ``fashion-mnist`` (read from
+    ``data_dir``) or the path of a ``.npz`` with ``images`` and ``labels``; ``image_size``:
+    the side each image is resized to; ``canvas``: the side of the zero canvas; the
+    distances are the horizontal gaps in pixels."""
+
+    source: str = param("mnist", doc="mnist, fashion-mnist or a .npz of images and labels")
+    data_dir: str | None = param(None, doc="folder of mnist/ and fashion-mnist/")
+    image_size: int | None = param(None, ge=1)
+    canvas: int | None = param(None, ge=1)
+
+    SCALES = {"cpu": CPU, "paper": PAPER}
+
+    def needs_data_dir(self) -> bool:
+        return self.source in ("mnist", "fashion-mnist")
+
+    def resolve_paths(self) -> IsSameClassConfig:
+        if self.needs_data_dir():
+            return self
+        return dataclasses.replace(self, source=str(Path(self.source).expanduser().resolve()))
+
+    def check(self) -> None:
+        from implreg.problems.is_same_class import IsSameGeometry
+
+        for gap in self.value("distances"):
+            IsSameGeometry(self.value("canvas"), self.value("image_size"), gap)  # checks
+        require(
+            self.source in ("mnist", "fashion-mnist") or self.source.endswith(".npz"),
+            f"source must be mnist, fashion-mnist or a .npz file, got {self.source!r}",
+        )
+
+
+@dataclass(frozen=True)
+class IsSameUnit(TrainUnit):
+    """One training run of Is-Same-Class at one gap, lambda and seed."""
+
+    name: str
+    distance: int
+    lam: float
+    seed: int
+    source: str
+    data_dir: str
+    image_size: int
+    canvas: int
+    n_train: int
+    n_test: int
+    data_seed: int
+    model: str
+    width: int
+    depth: int
+    stem: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    patience: int
+    eps: float
+    device: str = "cpu"
+    workdir: str = ""
+
+    def geometry(self):
+        from implreg.problems.is_same_class import IsSameGeometry
+
+        return IsSameGeometry(self.canvas, self.image_size, self.distance)
+
+    def problem(self):
+        from implreg.cnn.regularizer import Patch, sample_is_same_patches
+
+        splits = worker_cache(
+            (
+                "is-same",
+                self.source,
+                self.data_dir,
+                self.geometry(),
+                self.n_train,
+                self.n_test,
+                self.data_seed,
+            ),  # fmt: skip
+            lambda: build_splits(self),
+        )
+        locations = [Patch(*loc) for loc in self.geometry().locations()]
+        return splits, (lambda rng: sample_is_same_patches(locations, rng)), splits.x_train.shape[1]
+
+
+def build_splits(u: IsSameUnit):
+    from implreg.cnn.train import Splits
+    from implreg.problems.is_same_class import is_same_class_splits
+
+    d = is_same_class_splits(
+        u.source, u.data_dir, u.n_train, u.n_test, u.geometry(), u.data_seed, dtype="uint8"
+    )
+    return Splits.build(d.x_train, d.y_train, d.x_test, d.y_test)
+
+
+class IsSameClass(LocalityExperiment):
+    name = "locality_is_same_class"
+    Config = IsSameClassConfig
+    distance_name = "gap"
+    title = "Is-Same-Class"
+    presets = (
+        Preset(
+            "locality-is-same-class",
+            "Razin, Maman & Cohen 2022, Is-Same-Class (accuracy against the gap, per lambda)",
+            "two images a gap apart on a zero canvas, same class or not; gap x lambda x 3 seeds "
+            "(cpu: MNIST at 7 px on a 32 px canvas, a small CNN; --set scale=paper: 224 px, "
+            "ResNet18, gaps 0-160, lambda 0 / 0.1 / 1)",
+            tiny={"n_train": 64, "n_test": 32, "epochs": 2, "width": 4, "seeds": 1, "workers": 1},
+        ),
+    )
+
+    def make_unit(self, cfg: IsSameClassConfig, distance, lam, seed, device) -> IsSameUnit:
+        return IsSameUnit(
+            self.unit_name(distance, lam, seed),
+            distance,
+            lam,
+            seed,
+            source=cfg.source,
+            data_dir=str(cfg.data_dir or ""),
+            image_size=cfg.value("image_size"),
+            canvas=cfg.value("canvas"),
+            n_train=cfg.value("n_train"),
+            n_test=cfg.value("n_test"),
+            data_seed=cfg.data_seed,
+            **self.training(cfg, device),
+        )
+
+    def prepare(self, cfg: IsSameClassConfig, device: str = "cpu") -> IsSameClassConfig:
+        """Reads the image set once: a missing file, one class only, or a class with a single
+        image is refused before any folder exists."""
+        from implreg.problems.is_same_class import load_labelled_images
+
+        for split in ("train", "test"):
+            load_labelled_images(cfg.source, cfg.data_dir, split=split)
+        return cfg
+
+    def data_bytes(self, cfg: IsSameClassConfig) -> float:
+        c = cfg.value("canvas")  # uint8 images, up to 3 channels, built once per worker
+        return 3.0 * c * c * (cfg.value("n_train") + cfg.value("n_test"))
+
+    def plot(self, run_dir: Path) -> list[Path]:
+        return [self.plot_accuracy(run_dir), self.plot_examples(run_dir)]
+
+    def plot_examples(self, run_dir: Path) -> Path:
+        """Eight training pairs at the largest gap, with their labels."""
+        from implreg.runs import pyplot, save_figure
+
+        cfg = self.config_of(run_dir)
+        unit = self.make_unit(cfg, max(cfg.value("distances")), 0.0, cfg.seed, "cpu")
+        splits = build_splits(unit)
+        x, y = splits.x_train[:8], splits.y_train[:8]
+        plt = pyplot()
+        fig, axes = plt.subplots(2, 4, figsize=(9, 4.8))
+        for k, ax in enumerate(axes.flat):
+            img = x[k].transpose(1, 2, 0)
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray")
+            ax.set_title("same class" if y[k] else "different", fontsize=9)
+            ax.axis("off")
+        return save_figure(fig, Path(run_dir) / "examples.png")
+
+
+EXPERIMENT = IsSameClass()
