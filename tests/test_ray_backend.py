@@ -222,6 +222,27 @@ def test_a_preset_grid_on_ray_equals_local(tmp_path):
         assert mine["result"]["history"] == theirs["result"]["history"]
 
 
+def test_a_locality_grid_on_ray_equals_local(tmp_path):
+    """Training units (per-epoch checkpoints in the run folder) give the same accuracies."""
+    from conftest import run_config
+
+    from implreg.config import with_overrides
+    from implreg.experiments import PRESETS
+
+    preset = PRESETS["locality-pathfinder"]
+    cfg = with_overrides(preset.config, {**preset.tiny, "workers": 2})
+    local = run_config(cfg, tmp_path / "local")
+    remote = run_config(cfg, tmp_path / "ray", backend="ray")
+    assert not ray.is_initialized()
+    assert local.metrics()["final_test_acc"] == remote.metrics()["final_test_acc"]
+    for unit in (tmp_path / "local" / "units").glob("*.json"):
+        theirs = json.loads(unit.read_text())["result"]["history"]
+        mine = json.loads((tmp_path / "ray" / "units" / unit.name).read_text())["result"]
+        for key in ("train_loss", "test_acc", "probe_penalty"):
+            assert mine["history"][key] == theirs[key], key
+    assert not (tmp_path / "ray" / "work").exists()
+
+
 def test_missing_ray_is_a_one_sentence_value_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails
     with pytest.raises(ValueError) as info:

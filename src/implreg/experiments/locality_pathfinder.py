@@ -24,7 +24,7 @@ from implreg.sweep import worker_cache
 
 CPU = {  # the pilot's configuration (README): 32 x 32 images, a small CNN, 40000 samples
     "distances": (6, 14),
-    "lambdas": (0.0, 0.1),
+    "lambdas": (0.0, 0.05),
     "generator": "lra32",
     "model": "cnn",
     "width": 16,
@@ -32,7 +32,7 @@ CPU = {  # the pilot's configuration (README): 32 x 32 images, a small CNN, 4000
     "stem": "small",
     "n_train": 40000,
     "n_test": 2000,
-    "epochs": 8,
+    "epochs": 6,
     "batch_size": 64,
     "lr": 0.01,
     "momentum": 0.9,
