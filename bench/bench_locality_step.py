@@ -5,7 +5,7 @@ Deep Convolutional Neural Networks", ICML 2022, Section 6: the penalty needs the
 gradient of the summed logits for a batch ``x`` and for ``x'`` (patch ``J`` taken from
 the next sample), both with ``create_graph``, and the loss then backpropagates through
 those gradients (double backpropagation).  The published implementation's regularized
-step costs 4-10x a plain step (REFERENCE §4; here ~2.4 ms/image plain, ~10 ms/image
+step costs 4-10x a plain step (the authors report; ~2.4 ms/image plain, ~10 ms/image
 regularized was measured earlier for the small ResNet18).
 
 Measured in one run, interleaved over ``--repeats`` rounds of ``--seconds`` each (after

@@ -78,6 +78,7 @@ BAD = [
     ("locality-pathfinder", ["lambdas=-3"], "lambdas", "non-negative"),
     ("locality-pathfinder", ["momentum=1"], "momentum", "[0, 1)"),
     ("locality-pathfinder", ["generator=huge"], "generator", "lra32"),
+    ("locality-pathfinder", ["patch_size=12"], "patch_size 12", "32 wide"),
 ]
 
 
@@ -290,3 +291,4 @@ def test_units_share_one_dataset_per_worker_and_change_only_lambda_and_seed():
         f.name for f in dataclasses.fields(units[0]) if len({getattr(u, f.name) for u in units}) > 1
     }
     assert differ == {"name", "distance", "lam", "seed"}
+    assert {u.patch_size for u in units} == {2}

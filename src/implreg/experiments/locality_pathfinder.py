@@ -55,6 +55,7 @@ PAPER = {
     "patience": 20,
 }
 ENV_CACHE = "IMPLREG_CACHE_DIR"
+SIDES = {"lra32": 32, "paper": 150}  # image side of each generator
 
 
 def default_cache_dir() -> str:
@@ -71,6 +72,7 @@ class PathfinderConfig(LocalityConfig):
     ``$IMPLREG_CACHE_DIR/pathfinder`` or ``~/.cache/implreg/pathfinder``)."""
 
     generator: Literal["lra32", "paper"] | None = None
+    patch_size: int = param(2, ge=1, doc="side of the penalty's patches I and J (published 2)")
     cache_dir: str | None = param(None, doc="folder of cached generated datasets")
 
     SCALES = {"cpu": CPU, "paper": PAPER}
@@ -80,6 +82,12 @@ class PathfinderConfig(LocalityConfig):
 
         for length in self.value("distances"):
             require(length >= 1, f"distances (path lengths) must be >= 1, got {length}")
+        side = SIDES[self.value("generator")]
+        require(
+            3 * self.patch_size - 1 <= side,
+            f"patch_size {self.patch_size} does not fit: two non-overlapping patches at every "
+            f"place need {3 * self.patch_size - 1} pixels but the images are {side} wide",
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class PathfinderUnit(TrainUnit):
     lam: float
     seed: int
     generator: str
+    patch_size: int
     cache_dir: str
     n_train: int
     n_test: int
@@ -124,7 +133,8 @@ class PathfinderUnit(TrainUnit):
             lambda: build_splits(self),
         )
         h, w = splits.x_train.shape[2:]
-        return splits, (lambda rng: sample_pathfinder_patches(h, w, rng, size=2)), 1
+        size = self.patch_size
+        return splits, (lambda rng: sample_pathfinder_patches(h, w, rng, size=size)), 1
 
 
 def build_splits(u: PathfinderUnit):
@@ -163,6 +173,7 @@ class Pathfinder(LocalityExperiment):
             lam,
             seed,
             generator=cfg.value("generator"),
+            patch_size=cfg.patch_size,
             cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).expanduser().resolve()),
             n_train=cfg.value("n_train"),
             n_test=cfg.value("n_test"),
@@ -171,7 +182,7 @@ class Pathfinder(LocalityExperiment):
         )
 
     def data_bytes(self, cfg: PathfinderConfig) -> float:
-        side = 150 if cfg.value("generator") == "paper" else 32
+        side = SIDES[cfg.value("generator")]
         return float(side * side * (cfg.value("n_train") + cfg.value("n_test")))
 
     def plot(self, run_dir: Path) -> list[Path]:
