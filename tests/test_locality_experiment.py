@@ -74,6 +74,8 @@ BAD = [
     ("locality-is-same-class", ["source=nowhere.npz"], "nowhere.npz", ""),
     ("locality-is-same-class", ["source=cifar"], "source", ".npz"),
     ("locality-is-same-class", ["batch_size=1"], "batch_size", ">= 2"),
+    ("locality-is-same-class", ["classes=3"], "classes", "at least 2"),
+    ("locality-is-same-class", ["classes=3,11"], "class 11", "classes"),
     ("locality-pathfinder", ["distances=0,6"], "distances", ">= 1"),
     ("locality-pathfinder", ["lambdas=-3"], "lambdas", "non-negative"),
     ("locality-pathfinder", ["momentum=1"], "momentum", "[0, 1)"),
@@ -124,6 +126,18 @@ def test_an_image_set_unfit_for_pairs_is_refused_before_any_folder(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "set.npz" in err and message in err, err
     assert not out.exists()
+
+
+def test_a_class_subset_draws_pairs_of_those_classes_only(fake_data):
+    from implreg.problems.images import load_dataset
+    from implreg.problems.is_same_class import IsSameGeometry, is_same_class_splits
+
+    geometry = IsSameGeometry(32, 7, 18)
+    d = is_same_class_splits("mnist", fake_data, 200, 50, geometry, 0, classes=(0, 1))
+    labels = load_dataset("mnist", fake_data)["train"].labels
+    kept = np.flatnonzero(np.isin(labels, (0, 1)))
+    assert set(np.unique(labels[kept[d.train_indices]]).tolist()) == {0, 1}
+    assert d.num_classes == 2
 
 
 def test_an_npz_image_set_runs_without_a_data_dir(tmp_path, monkeypatch):

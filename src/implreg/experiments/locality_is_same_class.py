@@ -67,6 +67,9 @@ class IsSameClassConfig(LocalityConfig):
     data_dir: str | None = param(None, doc="folder of mnist/ and fashion-mnist/")
     image_size: int | None = param(None, ge=1)
     canvas: int | None = param(None, ge=1)
+    classes: tuple[int, ...] | None = param(
+        None, ge=0, min_len=2, unique=True, doc="keep only these labels (None: all)"
+    )
 
     SCALES = {"cpu": CPU, "paper": PAPER}
 
@@ -99,6 +102,7 @@ class IsSameUnit(TrainUnit):
     seed: int
     source: str
     data_dir: str
+    classes: tuple[int, ...] | None
     image_size: int
     canvas: int
     n_train: int
@@ -130,6 +134,7 @@ class IsSameUnit(TrainUnit):
                 "is-same",
                 self.source,
                 self.data_dir,
+                self.classes,
                 self.geometry(),
                 self.n_train,
                 self.n_test,
@@ -146,7 +151,14 @@ def build_splits(u: IsSameUnit):
     from implreg.problems.is_same_class import is_same_class_splits
 
     d = is_same_class_splits(
-        u.source, u.data_dir, u.n_train, u.n_test, u.geometry(), u.data_seed, dtype="uint8"
+        u.source,
+        u.data_dir,
+        u.n_train,
+        u.n_test,
+        u.geometry(),
+        u.data_seed,
+        dtype="uint8",
+        classes=u.classes,
     )
     return Splits.build(d.x_train, d.y_train, d.x_test, d.y_test)
 
@@ -175,6 +187,7 @@ class IsSameClass(LocalityExperiment):
             seed,
             source=cfg.source,
             data_dir=str(cfg.data_dir or ""),
+            classes=cfg.classes,
             image_size=cfg.value("image_size"),
             canvas=cfg.value("canvas"),
             n_train=cfg.value("n_train"),
@@ -188,8 +201,12 @@ class IsSameClass(LocalityExperiment):
         image is refused before any folder exists."""
         from implreg.problems.is_same_class import load_labelled_images
 
+        from implreg.problems.is_same_class import _keep_classes
+
         for split in ("train", "test"):
-            load_labelled_images(cfg.source, cfg.data_dir, split=split)
+            data = load_labelled_images(cfg.source, cfg.data_dir, split=split)
+            if cfg.classes is not None:
+                _keep_classes(data, cfg.classes, f"{cfg.source} ({split})")
         return cfg
 
     def data_bytes(self, cfg: IsSameClassConfig) -> float:

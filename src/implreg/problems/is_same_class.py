@@ -563,8 +563,12 @@ def is_same_class_splits(
     seed: int,
     *,
     dtype: str = "float32",
+    classes: tuple[int, ...] | None = None,
 ) -> IsSameClassData:
     """Train pairs from the source's train split, test pairs from its test split.
+
+    ``classes``: keep only the images of these labels (at least two; each must be
+    present in both splits), e.g. ``(0, 1)`` for a two-class version.
 
     ``source``/``data_dir`` as in :func:`load_labelled_images` (an ``.npz``
     without per-split keys is split deterministically, every 5th image of each
@@ -581,6 +585,8 @@ def is_same_class_splits(
         }
     else:
         parts = {s: load_labelled_images(source, data_dir, s) for s in SPLITS}
+    if classes is not None:
+        parts = {s: _keep_classes(parts[s], classes, f"{source} ({s})") for s in SPLITS}
     if parts["train"].images.shape[1] != parts["test"].images.shape[1]:
         raise DataError(
             f"the train and test images of {source} have different channel counts "
@@ -594,3 +600,13 @@ def is_same_class_splits(
     )
     classes = np.union1d(parts["train"].classes, parts["test"].classes)
     return IsSameClassData(x_tr, y_tr, x_te, y_te, i_tr, i_te, geometry, int(classes.size))
+
+
+def _keep_classes(data: LabelledImages, classes, where: str) -> LabelledImages:
+    """The images of ``data`` whose label is in ``classes`` (checked like any image set)."""
+    wanted = np.asarray(sorted({int(c) for c in classes}), dtype=np.int64)
+    missing = np.setdiff1d(wanted, data.classes)
+    if missing.size:
+        raise DataError(f"{where} has no image of class {int(missing[0])} named in classes")
+    keep = np.isin(data.labels, wanted)
+    return LabelledImages.from_arrays(data.images[keep], data.labels[keep], where)
