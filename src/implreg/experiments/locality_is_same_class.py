@@ -199,9 +199,7 @@ class IsSameClass(LocalityExperiment):
     def prepare(self, cfg: IsSameClassConfig, device: str = "cpu") -> IsSameClassConfig:
         """Reads the image set once: a missing file, one class only, or a class with a single
         image is refused before any folder exists."""
-        from implreg.problems.is_same_class import load_labelled_images
-
-        from implreg.problems.is_same_class import _keep_classes
+        from implreg.problems.is_same_class import _keep_classes, load_labelled_images
 
         for split in ("train", "test"):
             data = load_labelled_images(cfg.source, cfg.data_dir, split=split)
