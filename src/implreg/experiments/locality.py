@@ -39,20 +39,26 @@ class LocalityConfig:
     """Keys shared by the locality presets; ``None`` means "the value of ``scale``"."""
 
     scale: Literal["cpu", "paper"] = param("cpu", doc="defaults for keys left None")
-    distances: tuple[int, ...] | None = param(None, ge=0, unique=True)
-    lambdas: tuple[float, ...] | None = param(None, ge=0, unique=True, doc="penalty weights")
+    distances: tuple[int, ...] | None = param(
+        None, ge=0, unique=True, doc="gaps or path lengths (None: by scale)"
+    )
+    lambdas: tuple[float, ...] | None = param(
+        None, ge=0, unique=True, doc="penalty weights (None: by scale)"
+    )
     seeds: int = param(3, ge=1, doc="training seeds per (distance, lambda)")
-    model: Literal["resnet18", "cnn"] | None = None
-    width: int | None = param(None, ge=1, doc="base width (channels of the first stage)")
-    depth: int | None = param(None, ge=1, doc="blocks of the plain cnn (resnet18: unused)")
-    stem: Literal["small", "imagenet"] | None = None
-    n_train: int | None = param(None, ge=1)
-    n_test: int | None = param(None, ge=1)
-    epochs: int | None = param(None, ge=1, doc="cap on epochs")
-    batch_size: int | None = param(None, ge=2)
-    lr: float | None = param(None, gt=0)
-    momentum: float | None = param(None, ge=0, lt=1)
-    patience: int | None = param(None, ge=0, doc="epochs trained after 100% train accuracy")
+    model: Literal["resnet18", "cnn"] | None = param(None, doc="network (None: by scale)")
+    width: int | None = param(None, ge=1, doc="channels of the first stage (None: by scale)")
+    depth: int | None = param(None, ge=1, doc="blocks of the cnn; resnet18 ignores it")
+    stem: Literal["small", "imagenet"] | None = param(None, doc="resnet18 stem (None: by scale)")
+    n_train: int | None = param(None, ge=1, doc="training images (None: by scale)")
+    n_test: int | None = param(None, ge=1, doc="test images (None: by scale)")
+    epochs: int | None = param(None, ge=1, doc="cap on epochs (None: by scale)")
+    batch_size: int | None = param(None, ge=2, doc="(None: by scale; published 64)")
+    lr: float | None = param(None, gt=0, doc="SGD step (None: by scale; published 0.01)")
+    momentum: float | None = param(None, ge=0, lt=1, doc="(None: by scale; published 0.9)")
+    patience: int | None = param(
+        None, ge=0, doc="epochs trained after 100% train accuracy (None: by scale)"
+    )
     eps: float = param(1e-8, gt=0, doc="added to the gradient norms of the penalty")
     data_seed: int = param(0, ge=0, doc="seed of the datasets (the same for every unit)")
     workers: int = param(2, ge=1, doc="units trained at once (one thread each here)")

@@ -65,8 +65,8 @@ class IsSameClassConfig(LocalityConfig):
 
     source: str = param("mnist", doc="mnist, fashion-mnist or a .npz of images and labels")
     data_dir: str | None = param(None, doc="folder of mnist/ and fashion-mnist/")
-    image_size: int | None = param(None, ge=1)
-    canvas: int | None = param(None, ge=1)
+    image_size: int | None = param(None, ge=1, doc="side of each image (None: by scale)")
+    canvas: int | None = param(None, ge=1, doc="side of the canvas (None: by scale)")
     classes: tuple[int, ...] | None = param(
         None, ge=0, min_len=2, unique=True, doc="keep only these labels (None: all)"
     )

@@ -71,7 +71,9 @@ class PathfinderConfig(LocalityConfig):
     drawn, 150 x 150 images); ``cache_dir``: where generated datasets are cached (default
     ``$IMPLREG_CACHE_DIR/pathfinder`` or ``~/.cache/implreg/pathfinder``)."""
 
-    generator: Literal["lra32", "paper"] | None = None
+    generator: Literal["lra32", "paper"] | None = param(
+        None, doc="image parameters (None: by scale)"
+    )
     patch_size: int = param(2, ge=1, doc="side of the penalty's patches I and J (published 2)")
     cache_dir: str | None = param(None, doc="folder of cached generated datasets")
 
