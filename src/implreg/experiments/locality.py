@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -32,6 +32,7 @@ from implreg.resources import Estimate
 from implreg.runs import pyplot, save_figure
 
 WORK = "work"
+TINY = {"n_train": 64, "n_test": 32, "epochs": 2, "width": 4, "seeds": 1, "workers": 1}
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,34 @@ class LocalityConfig:
         return self.SCALES[self.scale][key] if v is None else v
 
 
+@dataclass(frozen=True)
 class TrainUnit:
-    """The training part of a unit (a mixin of the task units, which are frozen dataclasses
-    with the fields used here and ``problem() -> (Splits, patch sampler, channels)``)."""
+    """One training run: the fields every task shares.  A task's unit is a frozen dataclass
+    deriving from it that adds its data fields and ``problem() -> (Splits, patch sampler,
+    channels)``."""
 
     # where a unit works and caches, not what it computes (moving a folder keeps its results)
     transient: ClassVar[tuple[str, ...]] = ("workdir", "cache_dir")
+
+    name: str
+    distance: int
+    lam: float
+    seed: int
+    model: str
+    width: int
+    depth: int
+    stem: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    patience: int
+    eps: float
+    device: str = field(default="cpu", kw_only=True)
+    workdir: str = field(default="", kw_only=True)
+
+    def problem(self) -> tuple[Any, Any, int]:
+        raise NotImplementedError
 
     def execute(self, should_stop=None) -> dict | None:
         import torch

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from implreg.config import param, require
 from implreg.experiments.base import Preset
-from implreg.experiments.locality import LocalityConfig, LocalityExperiment, TrainUnit
+from implreg.experiments.locality import TINY, LocalityConfig, LocalityExperiment, TrainUnit
 from implreg.sweep import worker_cache
 
 CPU = {  # the pilot's configuration (README): MNIST at 7 px on a 32 px canvas, a small CNN
@@ -96,10 +96,6 @@ class IsSameClassConfig(LocalityConfig):
 class IsSameUnit(TrainUnit):
     """One training run of Is-Same-Class at one gap, lambda and seed."""
 
-    name: str
-    distance: int
-    lam: float
-    seed: int
     source: str
     data_dir: str
     classes: tuple[int, ...] | None
@@ -108,18 +104,6 @@ class IsSameUnit(TrainUnit):
     n_train: int
     n_test: int
     data_seed: int
-    model: str
-    width: int
-    depth: int
-    stem: str
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    patience: int
-    eps: float
-    device: str = "cpu"
-    workdir: str = ""
 
     def geometry(self):
         from implreg.problems.is_same_class import IsSameGeometry
@@ -175,7 +159,7 @@ class IsSameClass(LocalityExperiment):
             "two images a gap apart on a zero canvas, same class or not; gap x lambda x 3 seeds "
             "(cpu: MNIST at 7 px on a 32 px canvas, a small CNN; --set scale=paper: 224 px, "
             "ResNet18, gaps 0-160, lambda 0 / 0.1 / 1)",
-            tiny={"n_train": 64, "n_test": 32, "epochs": 2, "width": 4, "seeds": 1, "workers": 1},
+            tiny=TINY,
         ),
     )
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from implreg.config import param
 from implreg.experiments.base import Preset
-from implreg.experiments.locality import LocalityConfig, LocalityExperiment, TrainUnit
+from implreg.experiments.locality import TINY, LocalityConfig, LocalityExperiment, TrainUnit
 from implreg.sweep import worker_cache
 
 CPU = {  # the pilot's configuration (README): 32 x 32 images, a small CNN, 40000 samples
@@ -96,28 +96,12 @@ class PathfinderConfig(LocalityConfig):
 class PathfinderUnit(TrainUnit):
     """One training run of Pathfinder at one path length, lambda and seed."""
 
-    name: str
-    distance: int
-    lam: float
-    seed: int
     generator: str
     patch_size: int
     cache_dir: str
     n_train: int
     n_test: int
     data_seed: int
-    model: str
-    width: int
-    depth: int
-    stem: str
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    patience: int
-    eps: float
-    device: str = "cpu"
-    workdir: str = ""
 
     def problem(self):
         from implreg.cnn.regularizer import sample_pathfinder_patches
@@ -164,7 +148,7 @@ class Pathfinder(LocalityExperiment):
             "do the two markers lie on one dashed path; length x lambda x 3 seeds (cpu: 32 x 32 "
             "images, a small CNN; --set scale=paper: 150 x 150, ResNet18, lengths 3 / 5 / 7 / 9, "
             "lambda 0 / 3 / 9)",
-            tiny={"n_train": 64, "n_test": 32, "epochs": 2, "width": 4, "seeds": 1, "workers": 1},
+            tiny=TINY,
         ),
     )
 
