@@ -22,6 +22,11 @@ settings.register_profile(
 )
 settings.load_profile("implreg")
 
+# MNIST / Fashion-MNIST for tests that read the real files (skipped where absent).
+DATA_DIR = Path(
+    os.environ.get("IMPLREG_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
 # Generated datasets (Pathfinder) are cached here, not in the user's ~/.cache.
 os.environ["IMPLREG_CACHE_DIR"] = tempfile.mkdtemp(prefix="implreg-test-cache-")
 atexit.register(shutil.rmtree, os.environ["IMPLREG_CACHE_DIR"], ignore_errors=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA_DIR
 
 from implreg.config import ConfigError
 from implreg.problems.images import DataError
@@ -24,9 +24,7 @@ from implreg.problems.is_same_class import (
     resize_images,
 )
 
-DATA = Path(
-    os.environ.get("IMPLREG_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+DATA = DATA_DIR
 
 
 def _data(counts=(30, 30, 30, 30), side=8, channels=1, seed=0) -> LabelledImages:

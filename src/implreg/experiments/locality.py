@@ -17,6 +17,7 @@ a laptop) or ``paper`` (the published setting, for a GPU or a cluster).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import shutil
 from collections.abc import Mapping
@@ -74,7 +75,7 @@ class LocalityConfig:
 
 
 @dataclass(frozen=True)
-class TrainUnit:
+class TrainUnit(abc.ABC):
     """One training run: the fields every task shares.  A task's unit is a frozen dataclass
     deriving from it that adds its data fields and ``problem() -> (Splits, patch sampler,
     channels)``."""
@@ -99,8 +100,9 @@ class TrainUnit:
     device: str = field(default="cpu", kw_only=True)
     workdir: str = field(default="", kw_only=True)
 
+    @abc.abstractmethod
     def problem(self) -> tuple[Any, Any, int]:
-        raise NotImplementedError
+        """(train/test :class:`~implreg.cnn.train.Splits`, patch sampler, input channels)."""
 
     def execute(self, should_stop=None) -> dict | None:
         import torch
@@ -153,8 +155,9 @@ class LocalityExperiment(GridExperiment):
     distance_name: ClassVar[str] = "distance"
     title: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def make_unit(self, cfg: Any, distance: int, lam: float, seed: int, device: str) -> Any:
-        raise NotImplementedError
+        """The task's unit (a :class:`TrainUnit`) of one distance, lambda and seed."""
 
     def training(self, cfg: LocalityConfig, device: str) -> dict:
         """The unit fields every task shares, resolved against the scale."""
