@@ -275,7 +275,12 @@ def from_mapping(cls: type[C], data: Mapping[str, Any]) -> C:
 
 
 def to_mapping(cfg: Any) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    """The fields of a dataclass as a dict (nested dataclasses as dicts too)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = to_mapping(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def require(condition: bool, message: str) -> None:

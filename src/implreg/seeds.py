@@ -291,7 +291,7 @@ def _curves(exp, folders: list[Path], b: int, trajectories, k: int) -> dict:
         its, norms = trajectories(data["iterations"], data["norms"], b)
         with open(f / exp.table, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["run"]) == b]
-        err_its = np.array([int(r["iteration"]) for r in rows])
+        err_its = np.array([float(r["iteration"]) for r in rows])
         err = np.array([float(r[exp.scalars[0]]) for r in rows])
         keep = np.isfinite(err)  # records after a run stopped are NaN
         err_its, err = err_its[keep], err[keep]

@@ -24,6 +24,7 @@ from implreg.experiments.base import Preset
 from implreg.experiments.dynamics import (
     Dynamics,
     DynamicsExperiment,
+    flow_spec,
     learned_now,
     learned_summary,
     learned_text,
@@ -36,6 +37,7 @@ from implreg.factorizations.cp import (
     cp_values,
 )
 from implreg.factorizations.cp_engine import DenseSensing, RankOneSensing, completion_engine
+from implreg.flow import FlowOptions, FlowRecorder
 from implreg.losses import HuberLoss, make_loss
 from implreg.optim import StopRule, make_optimizer
 from implreg.problems.synthetic import completion_problem, low_cp_rank_tensor, sensing_problem
@@ -47,7 +49,7 @@ DENSE_SENSING_MAX = 250_000_000  # numbers in the m x P measurement matrix
 
 
 @dataclass(frozen=True)
-class CPDynamicsConfig:
+class CPDynamicsConfig(FlowOptions):
     """Settings of the CP dynamics experiment; defaults are the paper's Figure 3.
 
     Runs stop at the paper's rule (train loss below ``tol`` for ``patience``
@@ -68,7 +70,9 @@ class CPDynamicsConfig:
     init_mean: float = 0.0
     loss: Literal["l2", "huber"] = "l2"
     huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
-    optimizer: Literal["adaptive", "gd", "adam"] = "adaptive"
+    optimizer: Literal["adaptive", "gd", "adam", "flow"] = param(
+        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
+    )
     lr: float = param(0.01, gt=0)
     eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
     tol: float = param(1e-8, ge=0, doc="stop once the train loss stays below tol ...")
@@ -86,6 +90,7 @@ class CPDynamicsConfig:
     seed: int = param(3, ge=0)
 
     def check(self) -> None:
+        self.check_flow()
         # every number must fit the dtype it is computed in, squared (losses square it)
         big = math.sqrt(torch.finfo(DTYPES[self.dtype]).max) / 10
         for key in ("gt_norm", "huber_delta", "lr", "init_mean", "tol"):
@@ -348,6 +353,21 @@ class CPDynamics(DynamicsExperiment):
             tiny=_tiny,
         ),
         Preset(
+            "tf-flow",
+            "Razin et al. 2021, Figure 3 under gradient flow (the object of Theorem 1)",
+            "tf-dynamics from init std 0.005 integrated as gradient flow (dopri5, float64) "
+            "to loss 1e-8; x axis t / lr",
+            overrides={"optimizer": "flow", "dtype": "float64", "init_stds": (0.005,)},
+            tiny={
+                **_tiny,
+                "optimizer": "flow",
+                "dtype": "float64",
+                "tol": 1e-6,
+                "flow_t_max": 1e5,
+                "flow_per_decade": 4,
+            },
+        ),
+        Preset(
             "tf-huber",
             "Razin et al. 2021, Appendix B (Huber loss)",
             "as tf-dynamics with the Huber loss (eq. 8), delta = 0.002 below the residual scale",
@@ -386,16 +406,20 @@ class CPDynamics(DynamicsExperiment):
 
     def build(self, cfg: CPDynamicsConfig, prepared: Prepared) -> Dynamics:
         start = cp_component_norms(prepared.factors).amax(1).double().cpu().numpy()
+        flow = flow_spec(cfg)
         return Dynamics(
             key="init_std",
             values=cfg.init_stds,
             params=prepared.factors,
             loss_and_grad=lambda f: prepared.engine.loss_and_grad(f, prepared.loss),
             evaluate=prepared.evaluate,
-            optimizer=make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps),
+            optimizer=None if flow else make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps),
             stop=StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations),
-            recorder=Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
+            recorder=FlowRecorder()
+            if flow
+            else Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
             describe=lambda v: learned_now(v["component_norms"], start, cfg.learned_fraction),
+            flow=flow,
         )
 
     def summarize(self, cfg: CPDynamicsConfig, its, arrays, state) -> dict:

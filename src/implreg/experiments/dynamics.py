@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from implreg.experiments.base import Experiment, Outcome, RunContext, assess
+from implreg.flow import FlowSpec, flow_train
 from implreg.metrics import learned_components, top_components
 from implreg.optim import StopRule
 from implreg.runs import (
@@ -63,6 +64,26 @@ class Dynamics:
     stop: StopRule
     recorder: Recorder
     describe: Callable[[dict[str, np.ndarray]], dict] | None = None
+    flow: FlowSpec | None = None  # integrate the gradient flow instead (``optimizer`` unused)
+
+
+FLOW_AXIS = "t / lr (gradient flow time in GD steps)"
+
+
+def flow_spec(cfg: Any) -> FlowSpec | None:
+    """The gradient-flow settings of a config with ``optimizer=flow`` (None otherwise)."""
+    if getattr(cfg, "optimizer", None) != "flow":
+        return None
+    return FlowSpec(
+        threshold=cfg.tol,
+        lr=cfg.lr,
+        t_max=cfg.flow_t_max,
+        rtol=cfg.flow_rtol,
+        atol=cfg.flow_atol,
+        method=cfg.flow_method,
+        per_decade=cfg.flow_per_decade,
+        max_evals=cfg.flow_max_evals,
+    )
 
 
 def learned_summary(
@@ -120,6 +141,7 @@ def topk_figure(
     what: str,
     scalar: tuple[str, str, Sequence[tuple[str, np.ndarray, np.ndarray]]] | None = None,
     singles: Sequence[str] | None = None,
+    xlabel: str = "iteration",
 ) -> list[Path]:
     """``figure.png``: per run the ``top_k`` trajectories (by final value), and one scalar panel.
 
@@ -148,7 +170,7 @@ def topk_figure(
             for r in sel:
                 a.plot(its, traj[:, r], lw=1.2)
             a.set_title(f"{label}: top {len(sel)} {what}s")
-            a.set_xlabel("iteration")
+            a.set_xlabel(xlabel)
             a.set_ylabel(what)
             a.grid(alpha=0.3)
         if single:
@@ -161,7 +183,7 @@ def topk_figure(
                 a.plot(its, vals, label=label)
             a.set_yscale("log")
             a.set_title(stem.replace("_", " "))
-            a.set_xlabel("iteration")
+            a.set_xlabel(xlabel)
             a.set_ylabel(ylabel)
             a.legend()
             a.grid(alpha=0.3)
@@ -203,30 +225,37 @@ class DynamicsExperiment(Experiment):
         elif ctx.resume:  # stopped (kill -9) before its first checkpoint: nothing was saved
             ctx.log("no checkpoint in the run folder yet: the run starts from iteration 0")
         start_it = state.iteration if state else 0
-        bar = ctx.bar(dyn.stop.max_iterations, start_it, desc="iteration")
         labels = [self.label.format(v) for v in dyn.values]
         threads = threads_for_config(cfg, requested=ctx.threads)
+        checkpointer = Checkpointer(
+            lambda st: save_checkpoint(ctx.run_dir, st),
+            every=ctx.checkpoint_every,
+            seconds=ctx.checkpoint_seconds,
+        )
+        common = dict(
+            params=dyn.params,
+            loss_and_grad=dyn.loss_and_grad,
+            recorder=dyn.recorder,
+            evaluate=dyn.evaluate,
+            state=state,
+            interrupt=ctx.interrupt,
+            describe=dyn.describe,
+            on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
+            checkpoint=checkpointer,
+        )
+        if dyn.flow is not None:
+            bar = ctx.bar(len(dyn.flow.times()), start_it, unit="record", desc="flow")
+        else:
+            bar = ctx.bar(dyn.stop.max_iterations, start_it, desc="iteration")
         start = time.perf_counter()
         try:
             with use_threads(threads):
-                state, interrupted = train(
-                    params=dyn.params,
-                    loss_and_grad=dyn.loss_and_grad,
-                    optimizer=dyn.optimizer,
-                    stop=dyn.stop,
-                    recorder=dyn.recorder,
-                    evaluate=dyn.evaluate,
-                    state=state,
-                    interrupt=ctx.interrupt,
-                    progress=bar,
-                    describe=dyn.describe,
-                    on_message=lambda b, msg: ctx.log(f"{labels[b]}: {msg}"),
-                    checkpoint=Checkpointer(
-                        lambda st: save_checkpoint(ctx.run_dir, st),
-                        every=ctx.checkpoint_every,
-                        seconds=ctx.checkpoint_seconds,
-                    ),
-                )
+                if dyn.flow is not None:
+                    state, interrupted = flow_train(spec=dyn.flow, progress=bar, **common)
+                else:
+                    state, interrupted = train(
+                        optimizer=dyn.optimizer, stop=dyn.stop, progress=bar, **common
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -236,12 +265,26 @@ class DynamicsExperiment(Experiment):
             save_checkpoint(ctx.run_dir, state.to_dict())
             return Outcome(None, 130, True, f"iteration {state.iteration}; checkpoint written")
         its, arrays = dyn.recorder.arrays()
+        if dyn.flow is not None:  # the summary counts GD-step equivalents t / lr
+            flow_records = state.iteration
+            state.iteration = round(state.optimizer["time"] / dyn.flow.lr)
         summary = self.summarize(cfg, its, arrays, state)
         summary["wall_seconds_this_session"] = elapsed
         summary["threads"] = threads
-        summary["iterations_per_second"] = (
-            (state.iteration - start_it) / elapsed if elapsed > 0 else None
-        )
+        if dyn.flow is not None:
+            summary["flow"] = {
+                "method": dyn.flow.method,
+                "rtol": dyn.flow.rtol,
+                "atol": dyn.flow.atol,
+                "time": state.optimizer["time"],
+                "gradient_evaluations": state.optimizer["evaluations"],
+                "record_times": flow_records,
+                "stopped_time": state.stop["stopped_time"],
+            }
+        else:
+            summary["iterations_per_second"] = (
+                (state.iteration - start_it) / elapsed if elapsed > 0 else None
+            )
         summary["problems"] = assess(summary["runs"], lambda r: self.label.format(r[dyn.key]))
         write_json(ctx.run_dir / SUMMARY, summary)
         (ctx.run_dir / CHECKPOINT).unlink(missing_ok=True)  # the summary holds the result now
@@ -279,9 +322,11 @@ class DynamicsExperiment(Experiment):
                 w = csv.writer(fh)
                 w.writerow(["iteration", "run", key, "train_loss", *self.scalars])
                 cols = ["train_loss", *self.scalars]
+                flow = its.dtype.kind == "f"  # gradient flow: t / lr, not an integer
                 for t, it in enumerate(its):
+                    x = repr(float(it)) if flow else int(it)
                     for b, v in enumerate(values):
-                        w.writerow([int(it), b, v, *(repr(float(arrays[c][t, b])) for c in cols)])
+                        w.writerow([x, b, v, *(repr(float(arrays[c][t, b])) for c in cols)])
         with atomic_path(run_dir / f"{self.trajectory}.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(
@@ -290,6 +335,7 @@ class DynamicsExperiment(Experiment):
                     norms=arrays[self.trajectory],
                     **{f"{key}s": np.asarray(values)},
                     top_k=top_k,
+                    flow=its.dtype.kind == "f",
                 )
 
     def load_trajectories(self, run_dir: Path) -> dict[str, np.ndarray]:
@@ -306,7 +352,9 @@ class DynamicsExperiment(Experiment):
         run_dir = Path(run_dir)
         data = self.load_trajectories(run_dir)
         its, norms = data["iterations"], data["norms"]
-        values = next(v for k, v in data.items() if k not in ("iterations", "norms", "top_k"))
+        values = next(
+            v for k, v in data.items() if k not in ("iterations", "norms", "top_k", "flow")
+        )
         series, lines, singles = [], [], []
         with reading(run_dir / self.table, "metrics table"), open(run_dir / self.table) as fh:
             rows = list(csv.DictReader(fh))
@@ -314,7 +362,7 @@ class DynamicsExperiment(Experiment):
                 raise ValueError(f"{len(rows)} rows where {its.size * len(values)} belong")
             for b, v in enumerate(values):
                 mine = [r for r in rows if int(r["run"]) == b]
-                xs = np.array([int(r["iteration"]) for r in mine])
+                xs = np.array([float(r["iteration"]) for r in mine])
                 lines.append((self.label.format(v), xs, [float(r[self.scalars[0]]) for r in mine]))
         with reading(run_dir / f"{self.trajectory}.npz", "trajectories"):
             for b, v in enumerate(values):
@@ -328,6 +376,7 @@ class DynamicsExperiment(Experiment):
             what=self.what,
             scalar=(self.scalars[0], self.scalar_label, lines),
             singles=singles,
+            xlabel=FLOW_AXIS if bool(data.get("flow", False)) else "iteration",
         )
 
 

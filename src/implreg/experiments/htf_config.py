@@ -13,11 +13,12 @@ import torch
 from implreg.config import ConfigError, param, require
 from implreg.factorizations.htf import ModeTree
 from implreg.factorizations.htf_engine import DENSE_MAX, htf_step_flops
+from implreg.flow import FlowOptions
 from implreg.htf_analysis import parse_splits
 
 
 @dataclass(frozen=True)
-class HTFDynamicsConfig:
+class HTFDynamicsConfig(FlowOptions):
     """Settings of the HTF dynamics experiment; defaults are the published setting
     (Razin, Maman & Cohen 2022), with a 100k iteration cap (the authors': 500k)."""
 
@@ -34,7 +35,9 @@ class HTFDynamicsConfig:
     init_stds: tuple[float, ...] = param((0.01,), gt=0, doc="one run per init std")
     loss: Literal["l2", "huber", "l1"] = "l2"
     huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
-    optimizer: Literal["adaptive", "gd", "adam"] = "adaptive"
+    optimizer: Literal["adaptive", "gd", "adam", "flow"] = param(
+        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
+    )
     lr: float = param(0.01, gt=0)
     eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
     tol: float = param(5e-5, ge=0, doc="stop once the train loss stays below tol ...")
@@ -63,6 +66,7 @@ class HTFDynamicsConfig:
         return widths[0] if len(widths) == 1 else list(widths)
 
     def check(self) -> None:
+        self.check_flow()
         # every number must fit the dtype it is computed in, squared (losses square it)
         big = math.sqrt(torch.finfo(getattr(torch, self.dtype)).max) / 10
         for key in ("gt_norm", "huber_delta", "lr", "tol"):

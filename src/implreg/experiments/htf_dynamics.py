@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from implreg.experiments.base import Preset
-from implreg.experiments.dynamics import Dynamics, DynamicsExperiment, learned_now
+from implreg.experiments.dynamics import Dynamics, DynamicsExperiment, flow_spec, learned_now
 from implreg.experiments.htf_config import HTFDynamicsConfig
 from implreg.experiments.htf_report import (
     htf_figure,
@@ -44,6 +44,7 @@ from implreg.factorizations.htf_engine import (
     RankOneHTFSensing,
     htf_completion_engine,
 )
+from implreg.flow import FlowRecorder
 from implreg.htf_analysis import parse_splits, split_spectra, splits_of
 from implreg.losses import make_loss
 from implreg.optim import StopRule, make_optimizer
@@ -236,7 +237,8 @@ class HTFDynamics(DynamicsExperiment):
     def build(self, cfg: HTFDynamicsConfig, prepared: Prepared) -> Dynamics:
         root = htf_local_norms(prepared.params, prepared.tree)[-1]
         start = root.amax(1).double().cpu().numpy()
-        optimizer = make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps)
+        flow = flow_spec(cfg)
+        optimizer = None if flow else make_optimizer(cfg.optimizer, lr=cfg.lr, eps=cfg.eps)
 
         def evaluate(f):
             out = prepared.evaluate(f)
@@ -253,8 +255,11 @@ class HTFDynamics(DynamicsExperiment):
             evaluate=evaluate,
             optimizer=optimizer,
             stop=StopRule(cfg.tol, cfg.patience, cfg.check_every, cfg.max_iterations),
-            recorder=Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
+            recorder=FlowRecorder()
+            if flow
+            else Recorder(log_every=cfg.log_every, max_records=cfg.max_records),
             describe=lambda v: learned_now(v["root_local_norms"], start, cfg.learned_fraction),
+            flow=flow,
         )
 
     def write_metrics(self, run_dir, key, values, recorder, top_k) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from implreg.experiments.dynamics import learned_summary, learned_text, trajectories
+from implreg.experiments.dynamics import FLOW_AXIS, learned_summary, learned_text, trajectories
 from implreg.htf_analysis import local_exponent
 from implreg.metrics import top_components
 from implreg.resources import Estimate
@@ -225,8 +225,9 @@ def htf_figure(exp, run_dir: Path) -> list[Path]:
     data = load_hierarchy(run_dir)
     its = data["iterations"]
     values = exp.load_trajectories(run_dir)
-    stds = next(v for k, v in values.items() if k not in ("iterations", "norms", "top_k"))
+    stds = next(v for k, v in values.items() if k not in ("iterations", "norms", "top_k", "flow"))
     top_k = int(values.get("top_k", 10))
+    xlabel = FLOW_AXIS if bool(values.get("flow", False)) else "iteration"
     nodes = [k for k in data if k.startswith("local ")]
     svals = [k for k in data if k.startswith("svals ")]
     cfg = exp.config_of(run_dir)
@@ -255,11 +256,11 @@ def htf_figure(exp, run_dir: Path) -> list[Path]:
                 for r in sel:
                     a.plot(its_b, traj[:, r], lw=1.1)
             a.set_title(f"init {std:g}: {title}", fontsize=9)
-            a.set_xlabel("iteration")
+            a.set_xlabel(xlabel)
             a.grid(alpha=0.3)
         a = axes[b, -1]
         mine = [r for r in rows if int(r["run"]) == b]
-        xs = [int(r["iteration"]) for r in mine]
+        xs = [float(r["iteration"]) for r in mine]
         for col, label in (
             ("reconstruction_error", "held-out"),
             ("full_reconstruction_error", "full tensor"),
@@ -267,7 +268,7 @@ def htf_figure(exp, run_dir: Path) -> list[Path]:
             a.plot(xs, [float(r[col]) for r in mine], label=label)
         a.set_yscale("log")
         a.set_title(f"init {std:g}: ||W - W*|| / ||W*||", fontsize=9)
-        a.set_xlabel("iteration")
+        a.set_xlabel(xlabel)
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     return [save_figure(fig, run_dir / "figure.png")]

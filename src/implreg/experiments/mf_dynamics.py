@@ -20,13 +20,20 @@ import numpy as np
 
 from implreg.config import param, require
 from implreg.experiments.base import GridExperiment, Preset
-from implreg.experiments.dynamics import learned_summary, learned_text, topk_figure
+from implreg.experiments.dynamics import (
+    FLOW_AXIS,
+    flow_spec,
+    learned_summary,
+    learned_text,
+    topk_figure,
+)
 from implreg.experiments.mf_fit import FitUnit, fit_memory
+from implreg.flow import FlowOptions
 from implreg.resources import Estimate
 
 
 @dataclass(frozen=True)
-class MFDynamicsConfig:
+class MFDynamicsConfig(FlowOptions):
     """Defaults of Arora et al. 2019, Section 5 (ground truth, observations, optimizer, stop)."""
 
     shape: tuple[int, ...] = param((100, 100), ge=1, min_len=2, max_len=2)
@@ -36,6 +43,9 @@ class MFDynamicsConfig:
     depths: tuple[int, ...] = param((1, 2, 3), ge=1, doc="one unit per depth")
     init_scale: float = param(1e-3, gt=0, doc="Frobenius norm of the end matrix at init")
     init: Literal["gaussian", "balanced", "orthogonal", "identity"] = "gaussian"
+    optimizer: Literal["adaptive", "flow"] = param(
+        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
+    )
     lr: float = param(1e-3, gt=0)
     eps: float = param(1e-4, gt=0)
     tol: float = param(1e-6, ge=0, doc="stop at train MSE below tol")
@@ -48,6 +58,7 @@ class MFDynamicsConfig:
     seed: int = param(0, ge=0)
 
     def check(self) -> None:
+        self.check_flow()
         size = self.shape[0] * self.shape[1]
         require(
             self.num_observations <= size,
@@ -100,6 +111,7 @@ class MFDynamics(GridExperiment):
                 top_k=cfg.top_k,
                 history=True,
                 device=device,
+                flow=flow_spec(cfg),
             )
             for d in cfg.depths
         ]
@@ -154,6 +166,7 @@ class MFDynamics(GridExperiment):
             top_k=cfg.top_k,
             what="singular value",
             scalar=("test_mse", "MSE over unobserved entries", lines),
+            xlabel=FLOW_AXIS if cfg.optimizer == "flow" else "iteration",
         )
 
 

@@ -18,6 +18,7 @@ import torch
 
 from implreg import matrix_metrics as mm
 from implreg.factorizations.matrix import MatrixCompletion, mf_init, mf_product
+from implreg.flow import FlowRecorder, FlowSpec, flow_train
 from implreg.losses import L2Loss
 from implreg.optim import AdaptiveGD, StopRule
 from implreg.problems.synthetic import low_rank_matrix, sample_indices
@@ -78,6 +79,7 @@ class FitUnit(MatrixProblem):
     top_k: int = 10
     history: bool = False
     device: str = "cpu"
+    flow: FlowSpec | None = None  # integrate the gradient flow (float64) instead of GD
 
     def execute(self, should_stop=None) -> dict | None:
         return fit(self, should_stop)
@@ -123,18 +125,29 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
         test = (((w - truth_d) ** 2)[:, unobserved_d]).mean(1).cpu().numpy()
         return {"singular_values": sv, "test_mse": test}
 
-    recorder = Recorder(log_every=u.log_every, max_records=2000)
-    stop = StopRule(u.tol, 1, 1, u.max_iterations)
     start = time.perf_counter()
-    state, interrupted = train(
-        params=layers,
-        loss_and_grad=lambda ls: engine.loss_and_grad(ls, loss),
-        optimizer=AdaptiveGD(u.lr, eps=u.eps),
-        stop=stop,
-        recorder=recorder,
-        evaluate=evaluate,
-        interrupt=Poll(should_stop),
-    )
+    if u.flow is not None:
+        recorder = FlowRecorder()
+        state, interrupted = flow_train(
+            params=layers,
+            loss_and_grad=lambda ls: engine.loss_and_grad(ls, loss),
+            spec=u.flow,
+            recorder=recorder,
+            evaluate=evaluate,
+            interrupt=Poll(should_stop),
+        )
+        state.iteration = round(state.optimizer["time"] / u.flow.lr)
+    else:
+        recorder = Recorder(log_every=u.log_every, max_records=2000)
+        state, interrupted = train(
+            params=layers,
+            loss_and_grad=lambda ls: engine.loss_and_grad(ls, loss),
+            optimizer=AdaptiveGD(u.lr, eps=u.eps),
+            stop=StopRule(u.tol, 1, 1, u.max_iterations),
+            recorder=recorder,
+            evaluate=evaluate,
+            interrupt=Poll(should_stop),
+        )
     if interrupted:
         return None
     seconds = time.perf_counter() - start
@@ -149,6 +162,14 @@ def fit(u: FitUnit, should_stop=None) -> dict | None:
         "final_train_loss": float(recorder.last("train_loss")[0]),
         **matrix_summary(mf_product(layers)[0].cpu(), truth, observed),
     }
+    if u.flow is not None:
+        out["flow"] = {
+            "time": state.optimizer["time"],
+            "gradient_evaluations": state.optimizer["evaluations"],
+            "method": u.flow.method,
+            "rtol": u.flow.rtol,
+            "atol": u.flow.atol,
+        }
     if u.history:
         its, arrays = recorder.arrays()
         out["history"] = {
