@@ -1,4 +1,5 @@
-"""Command line: ``implreg list | show | run | sweep | plot``, a thin layer over :mod:`implreg.api`.
+"""Command line: ``implreg list | show | run | sweep | plot | check``, a thin layer over
+:mod:`implreg.api` (and :mod:`implreg.checks`).
 
 Bad input (unknown preset or key, wrong type, impossible sizes, non-finite
 values) is reported in one sentence with exit code 2 before any folder is
@@ -82,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed (problem and initialization)")
     plot = sub.add_parser("plot", help="redraw the figures of a run folder")
     plot.add_argument("run_dir", type=Path)
+    check = sub.add_parser(
+        "check", help="check the papers' lemmas and theorems along gradient-flow trajectories"
+    )
+    check.add_argument(
+        "--only", metavar="NAMES", help="comma-separated checks (default: all; see --list)"
+    )
+    check.add_argument("--list", action="store_true", help="list the checks and exit")
+    check.add_argument("--seed", type=int, default=0, help="random instance (default 0)")
+    check.add_argument(
+        "--out", type=Path, help="also write checks.json and checks.md into this folder"
+    )
     return ap
 
 
@@ -180,6 +192,42 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from implreg.checks import CHECKS, markdown_table, run_checks
+    from implreg.runs import atomic_path, write_json
+
+    if args.list:
+        for name, fn in CHECKS.items():
+            print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    names = None
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CHECKS]
+        if unknown or not names:
+            raise ConfigError(
+                f"--only: unknown check {unknown[0] if unknown else args.only!r}; "
+                f"the checks are {', '.join(CHECKS)}"
+            )
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} exists and is not a folder")
+    results = run_checks(names, seed=args.seed, log=print)
+    failed = [r.name for r in results if not r.passed]
+    print(
+        f"{len(results) - len(failed)} of {len(results)} checks pass"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "checks.json", {"checks": [r.as_dict() for r in results]})
+        with atomic_path(args.out / "checks.md") as tmp:
+            tmp.write_text(markdown_table(results) + "\n")
+        print(f"tables in {args.out}")
+    return 1 if failed else 0
+
+
 def _cmd_plot(args) -> int:
     from implreg.api import load
 
@@ -228,6 +276,8 @@ def _main(argv: list[str] | None) -> int:
             return _cmd_sweep(args)
         if args.command == "plot":
             return _cmd_plot(args)
+        if args.command == "check":
+            return _cmd_check(args)
     except ConfigError as exc:
         print(f"implreg: error: {_one_line(exc)}", file=sys.stderr)
         return 2
