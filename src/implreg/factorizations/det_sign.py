@@ -20,8 +20,10 @@ Two step rules:
     if the loss does not rise, ``det(W_e)`` keeps its sign, and both
     ``det(W_e)`` and ``W_e`` change by at most a fraction ``c`` (relative);
     otherwise the step is halved and retried.  After an accepted step it grows
-    by 10%.  Gradient flow never changes the sign of ``det(W_e)`` (Razin & Cohen
-    2020, Lemma 1 there), and these iterates stay within ``O(c)`` of it.
+    by 10%.  Gradient flow from a balanced factorization never changes the sign
+    of ``det(W_e)`` (Razin & Cohen 2020, Section 3); from unbalanced inits it can
+    (measured: :mod:`implreg.factorizations.det_sign_flow`).  These iterates stay
+    within ``O(c)`` of the flow and refuse a step that flips the sign.
 """
 
 from __future__ import annotations
