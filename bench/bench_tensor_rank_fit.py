@@ -11,7 +11,16 @@ It runs for the same wall time as implreg's fit; the script prints its train
 MSE then, its time per epoch, and its extrapolated time for the authors'
 10000 epochs.
 
+Side by side (``--compare``, issue 12 target: <= 1/3): the fitter before the
+convergence study (:func:`implreg.factorizations.cp_exp.fit_exp_sum`, dense, 20 pairs)
+for 3000 iterations, against the preset's fitter
+(:func:`implreg.optim.exp_sum_fit.fit_exp_sum_converged`) run for ``--long`` iterations;
+the converged loss is the lower of the two final losses, and the new fitter's time is
+when it first got within 1% of it.  Runs alternate (old, new, old, new, ...) for
+``--pairs`` pairs so that the load of a shared machine falls on both; one thread.
+
     python bench/bench_tensor_rank_fit.py [--data-dir ../shared/data]
+    python bench/bench_tensor_rank_fit.py --compare [--pairs 2] [--long 6000]
 """
 
 from __future__ import annotations
@@ -25,9 +34,47 @@ import torch
 
 from implreg.factorizations import cp_logdomain
 from implreg.factorizations.cp_exp import fit_exp_sum
+from implreg.optim.exp_sum_fit import fit_exp_sum_converged
 from implreg.problems.images import discretize, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def curve_of(fit, *args, **kw) -> tuple[list[tuple[int, float, float]], float]:
+    """Run ``fit(*args, callback=..., **kw)``; its curve ``(iteration, s, loss)`` and time."""
+    curve = []
+    start = time.perf_counter()
+
+    def record(it, loss):
+        curve.append((it, time.perf_counter() - start, float(loss[0])))
+
+    fit(*args, callback=record, **kw)
+    return curve, time.perf_counter() - start
+
+
+def compare(x, y, rank: int, pairs: int, long: int) -> None:
+    """Old fitter for 3000 iterations vs the new one to within 1% of the converged loss."""
+    torch.set_num_threads(1)
+    ratios = []
+    for pair in range(pairs):
+        old, old_s = curve_of(fit_exp_sum, x, y, rank, iterations=3000)
+        new, new_s = curve_of(fit_exp_sum_converged, x, y, rank, iterations=long, rel_tol=0.0)
+        best = min(old[-1][2], new[-1][2])
+        hit = next(((it, sec) for it, sec, loss in new if loss <= 1.01 * best), None)
+        old_hit = next(((it, sec) for it, sec, loss in old if loss <= 1.01 * best), None)
+        ratio = hit[1] / old_s if hit else float("nan")
+        ratios.append(ratio)
+        new_at = f"iteration {hit[0]}, {hit[1]:.1f} s" if hit else "not reached"
+        old_at = f"iteration {old_hit[0]}, {old_hit[1]:.1f} s" if old_hit else "not reached"
+        print(
+            f"pair {pair}: old fitter 3000 iterations {old_s:.1f} s, loss {old[-1][2]:.6f} "
+            f"(within 1% of converged: "
+            f"{old_at}); "
+            f"new fitter {new[-1][0]} iterations {new_s:.1f} s, loss {new[-1][2]:.6f}; "
+            f"converged loss {best:.6f}; new fitter within 1% at {new_at}; ratio {ratio:.2f}",
+            flush=True,
+        )
+    print(f"ratio new (to within 1%) / old (3000 iterations): {np.median(ratios):.2f} (median)")
 
 
 def main() -> None:
@@ -37,6 +84,9 @@ def main() -> None:
     ap.add_argument("--cls", type=int, default=6)
     ap.add_argument("--rel-tol", type=float, default=1e-5)
     ap.add_argument("--max-iter", type=int, default=3000)
+    ap.add_argument("--compare", action="store_true", help="old vs new fitter, side by side")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--long", type=int, default=6000, help="new fitter's iterations")
     args = ap.parse_args()
     if not (args.data_dir / "mnist").is_dir():
         print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
@@ -44,6 +94,9 @@ def main() -> None:
     data = load_dataset("mnist", args.data_dir)
     x = torch.from_numpy(discretize(data["train"].images))
     y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float32))
+    if args.compare:
+        compare(x, y, args.rank, args.pairs, args.long)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     marks = []

@@ -29,13 +29,22 @@ Objective = Callable[[Tensor, Tensor], tuple[Tensor, GradientOf]]
 
 @dataclass
 class LBFGSResult:
-    """Final point ``x`` ``(B, P)``, its losses ``(B,)`` and the iteration and evaluation counts."""
+    """Final point ``x`` ``(B, P)``, its losses ``(B,)`` and the iteration and evaluation counts.
+
+    ``grad_norm`` ``(B,)`` is each problem's final gradient norm; ``converged`` ``(B,)`` marks
+    the problems stopped by the ``rel_tol`` rule or unable to step even along steepest descent
+    (converged to rounding); ``rel_change`` ``(B,)`` is each problem's relative loss decrease
+    over its last ``window`` iterations (or its last iteration when ``window`` is 0).
+    """
 
     x: Tensor
     loss: Tensor
     iterations: int
     evaluations: int
     history: list[Tensor]
+    grad_norm: Tensor | None = None
+    converged: Tensor | None = None
+    rel_change: Tensor | None = None
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -51,6 +60,7 @@ def minimize(
     c1: float = 1e-4,
     max_backtracks: int = 30,
     rel_tol: float = 0.0,
+    window: int = 0,
     record_every: int = 0,
     callback: Callable[[int, Tensor], bool | None] | None = None,
 ) -> LBFGSResult:
@@ -65,7 +75,9 @@ def minimize(
     (halving) until the Armijo condition holds for each; problems whose step
     cannot be accepted keep their point and restart from steepest descent.
     ``rel_tol > 0`` freezes a problem once one iteration improves its loss by
-    less than ``rel_tol`` (relative) three times in a row.
+    less than ``rel_tol`` (relative) three times in a row; with ``window > 0`` instead once
+    its loss has fallen by less than ``rel_tol`` (relative) over its last ``window``
+    iterations (a slow creep passes the three-in-a-row rule long before it has converged).
     ``history`` holds the losses every ``record_every`` iterations (if > 0).
     ``callback(iteration, losses)`` is called after every iteration; returning
     True stops the minimization there.
@@ -86,6 +98,7 @@ def minimize(
         raise ValueError(f"c1 (the Armijo constant) must lie in (0, 1), got {c1}")
     max_backtracks = _check_int("max_backtracks", max_backtracks, minimum=1)
     rel_tol = _check_real("rel_tol", rel_tol, nonnegative=True)
+    window = _check_int("window", window, minimum=0)
     record_every = _check_int("record_every", record_every, minimum=0)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -109,6 +122,10 @@ def minimize(
     active = torch.ones(batch, dtype=torch.bool, device=dev)
     slow = torch.zeros(batch, dtype=torch.long, device=dev)
     scale = torch.ones(batch, dtype=x.dtype, device=dev)
+    stalled = torch.zeros(batch, dtype=torch.bool, device=dev)
+    # Losses of the last ``window + 1`` iterations, oldest first (ring: row ``it % (window+1)``).
+    past = loss.to(torch.float64).repeat(window + 1, 1)
+    last_change = torch.zeros(batch, dtype=torch.float64, device=dev)
     history: list[Tensor] = []
     it = 0
     for it in range(1, max_iter + 1):
@@ -178,15 +195,44 @@ def minimize(
         if bool(failed.any()):
             # A problem that cannot step even along steepest descent has converged
             # to rounding; otherwise forget its memory and retry steepest descent.
-            active &= ~(failed & (count == 0))
+            stuck = failed & (count == 0) & active
+            stalled |= stuck
+            active &= ~stuck
             count[failed] = 0
-        if rel_tol > 0:
-            small = (loss - new_loss) <= rel_tol * loss.abs()
-            slow = torch.where(small & active, slow + 1, torch.zeros_like(slow))
-            active &= slow < 3
+        new64 = new_loss.to(torch.float64)
+        if window > 0:
+            oldest = past[it % (window + 1)]  # the loss ``window`` iterations ago (or the start)
+            last_change = torch.where(
+                active, (oldest - new64) / oldest.abs().clamp_min(1e-300), last_change
+            )
+            past[it % (window + 1)] = new64
+            if rel_tol > 0 and it >= window:
+                done = active & (oldest - new64 <= rel_tol * oldest.abs())
+                stalled |= done
+                active &= ~done
+        else:
+            old64 = loss.to(torch.float64)
+            last_change = torch.where(
+                active, (old64 - new64) / old64.abs().clamp_min(1e-300), last_change
+            )
+            if rel_tol > 0:
+                small = (loss - new_loss) <= rel_tol * loss.abs()
+                slow = torch.where(small & active, slow + 1, torch.zeros_like(slow))
+                done = active & (slow >= 3)
+                stalled |= done
+                active &= ~done
         x, loss, grad = new_x, new_loss, new_grad
         if record_every and it % record_every == 0:
             history.append(loss.clone())
         if callback is not None and callback(it, loss):
             break
-    return LBFGSResult(x=x, loss=loss, iterations=it, evaluations=evaluations, history=history)
+    return LBFGSResult(
+        x=x,
+        loss=loss,
+        iterations=it,
+        evaluations=evaluations,
+        history=history,
+        grad_norm=grad.norm(dim=1),
+        converged=stalled,
+        rel_change=last_change,
+    )
