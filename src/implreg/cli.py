@@ -1,5 +1,5 @@
-"""Command line: ``implreg list | show | run | sweep | plot | check``, a thin layer over
-:mod:`implreg.api` (and :mod:`implreg.checks`).
+"""Command line: ``implreg list | show | run | sweep | plot | check | report``, a thin layer
+over :mod:`implreg.api` (and :mod:`implreg.checks`, :mod:`implreg.report`).
 
 Bad input (unknown preset or key, wrong type, impossible sizes, non-finite
 values) is reported in one sentence with exit code 2 before any folder is
@@ -93,6 +93,32 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="random instance (default 0)")
     check.add_argument(
         "--out", type=Path, help="also write checks.json and checks.md into this folder"
+    )
+    report = sub.add_parser(
+        "report",
+        help="run every preset at a budget; one HTML page (and Markdown) of published vs measured",
+    )
+    report.add_argument(
+        "--budget", required=True, help="reduced (minutes) | full (the published settings)"
+    )
+    report.add_argument("--out", type=Path, default=Path("report"), help="folder (default report)")
+    report.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder holding mnist/ and fashion-mnist/ (presets that read it are skipped without)",
+    )
+    report.add_argument("--only", metavar="PRESETS", help="comma-separated presets (default all)")
+    report.add_argument(
+        "--backend", default="local", help=f"{' | '.join(BACKENDS)} (default local)"
+    )
+    report.add_argument(
+        "--seeds", help="also run seeded presets over these seeds (0-2): median and IQR per claim"
+    )
+    report.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads per run (default: the policy)"
+    )
+    report.add_argument(
+        "--rerun", action="store_true", help="set earlier runs in --out aside and run again"
     )
     return ap
 
@@ -228,6 +254,47 @@ def _cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_report(args) -> int:
+    from implreg.report import ReportInterrupted, build_report, check_inputs
+    from implreg.runs import RunLock
+    from implreg.seeds import parse_seeds
+
+    names = None
+    if args.only is not None:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_inputs(args.budget, names, args.out, args.data_dir, args.backend, seeds, None)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {args.out}: {exc.strerror or exc}") from None
+    try:
+        with RunLock(args.out):
+            report = build_report(
+                args.out,
+                args.budget,
+                presets=names,
+                data_dir=args.data_dir,
+                backend=args.backend,
+                reuse=not args.rerun,
+                log=lambda msg: print(msg, flush=True),
+                seeds=seeds,
+                threads=args.threads,
+            )
+    except ReportInterrupted as exc:
+        print(f"implreg: interrupted: {exc}; the same command resumes", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"implreg: error: the report could not be written: {exc}", file=sys.stderr)
+        return 1
+    c = report.counts()
+    print(f"claims: {c['pass']} pass, {c['FAIL']} FAIL, {c['not run']} not run")
+    print(f"report: {report.paths['html']} and {report.paths['md']}")
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from implreg.api import load
 
@@ -278,6 +345,8 @@ def _main(argv: list[str] | None) -> int:
             return _cmd_plot(args)
         if args.command == "check":
             return _cmd_check(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except ConfigError as exc:
         print(f"implreg: error: {_one_line(exc)}", file=sys.stderr)
         return 2

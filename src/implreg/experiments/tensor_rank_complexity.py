@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from implreg.config import param, require
-from implreg.experiments.base import GridExperiment, Preset
+from implreg.experiments.base import Claim, GridExperiment, Preset, find_entry
 from implreg.experiments.image_tasks import RankUnit, input_groups, load_images
 from implreg.problems.images import DATASETS, resolve_data_dir
 from implreg.resources import Estimate
@@ -74,6 +74,81 @@ class TensorRankConfig:
     threads: int = param(0, ge=0, doc="torch threads (0: default)")
     workers: int = param(1, ge=1, doc="units run at once (each holds a dataset)")
     seed: int = param(0, ge=0)
+
+
+FIG4 = "Razin, Yadin & Cohen 2021, Figure 4"
+
+
+def mean_mse(dataset: str, variant: str, rank: int, split: str = "train"):
+    """Mean train (or test) MSE over the one-vs-all tasks of a CP fit of one rank."""
+
+    def measure(summary: dict) -> float:
+        e = find_entry(
+            summary["means"], dataset=dataset, variant=variant, predictor="cp", rank=rank
+        )
+        return float(e[f"{split}_mean"])
+
+    return measure
+
+
+def random_over_original(dataset: str, rank: int):
+    """Train MSE of the better-fit random variant over that of the original data."""
+
+    def measure(summary: dict) -> float:
+        rand = min(mean_mse(dataset, v, rank)(summary) for v in ("rand_image", "rand_label"))
+        return rand / mean_mse(dataset, "original", rank)(summary)
+
+    return measure
+
+
+def _fit_claim(dataset, variant, rank, published, compare, tol, budget="full") -> Claim:
+    name = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}[dataset]
+    return Claim(
+        f"{name} {variant.replace('_', ' ')} rank {rank}",
+        f"{name}, {variant.replace('_', ' ')} data: mean train MSE of the best CP rank-{rank} "
+        f"predictor over the ten one-vs-all tasks (published {published:g}, read off the plot)",
+        FIG4,
+        published,
+        mean_mse(dataset, variant, rank),
+        compare,
+        tol,
+        budget,
+    )
+
+
+# Tolerances: values read off a log plot carry ~10% (0.003 at 0.023-0.033, 0.005 at 0.088); at
+# rank 15 the fits here stop at 500 L-BFGS iterations while the loss still creeps down, so those
+# claims are one-sided: at most 0.001 above the published value (a fit further from the minimum
+# than that would not show the published picture).
+FIG4_CLAIMS = (
+    _fit_claim("mnist", "original", 1, 0.023, "within_abs", 0.003, "both"),
+    _fit_claim("mnist", "rand_label", 1, 0.088, "within_abs", 0.005, "both"),
+    _fit_claim("mnist", "original", 15, 0.002, "at_most", 0.001),
+    _fit_claim("fashion-mnist", "original", 1, 0.033, "within_abs", 0.003),
+    _fit_claim("fashion-mnist", "original", 15, 0.009, "at_most", 0.001),
+    Claim(
+        "MNIST original far simpler than random",
+        "at rank 15 the original data are fit far better than both random variants "
+        "(published 0.002 against 0.015 and 0.044: 7.5x the better random variant)",
+        FIG4,
+        7.5,
+        random_over_original("mnist", 15),
+        "at_least",
+        5.5,  # at least 2x: 'far better' at a scale where the fits here fall short of the minimum
+        "full",
+    ),
+    Claim(
+        "random labels test above the variance",
+        "at rank 15 the rand-label test error is above the variance line p(1-p) = 0.09 "
+        "(published 0.14-0.15)",
+        FIG4,
+        0.14,
+        mean_mse("mnist", "rand_label", 15, "test"),
+        "at_least",
+        0.05,  # the bound is the variance line itself (0.09)
+        "full",
+    ),
+)
 
 
 def table(results: list[dict]) -> list[dict]:
@@ -203,6 +278,9 @@ class TensorRankComplexity(GridExperiment):
                 "train_samples": 200,
                 "test_samples": 100,
             },
+            claims=FIG4_CLAIMS,
+            # MNIST rank 1, original and rand label, all 10 tasks on all 60000 images
+            reduced={"datasets": ("mnist",), "ranks": (1,), "variants": ("original", "rand_label")},
         ),
     )
 

@@ -1,0 +1,699 @@
+"""``implreg report``: every preset at one budget, its published claims checked, on one page.
+
+For each preset of the registry (in registry order) :func:`build_report` runs
+the preset at the chosen budget into ``<out>/runs/<preset>`` through the public
+API (:func:`implreg.api.run_preset`), or reuses a finished run already there
+with the same configuration (so a report can be resumed after Ctrl-C and
+re-rendered for free); it then runs the theorem checks
+(:func:`implreg.checks.run_checks`), evaluates every :class:`Claim` the presets
+declare, and writes ``report.html`` (static: no script, no network; figures
+referenced by relative path under ``<out>``), its Markdown twin ``report.md``
+and ``report.json``, each atomically.
+
+Budgets: ``full`` runs each preset's own configuration (the published setting);
+``reduced`` applies each preset's ``reduced`` overrides (``None`` there skips
+the preset, saying why); ``tiny`` (for tests) its ``tiny`` overrides.  A claim
+declares the budgets at which it is meaningful; elsewhere its row says "not
+run", with the reason, which is a verdict too.  Every claim that runs has a
+measured value.  A preset that fails (an exception, or a run that exits
+non-zero) becomes a row with its error; the report itself goes on.
+
+With ``seeds`` the presets whose configuration has a ``seed`` are also run once
+per seed by the sweep engine (:func:`implreg.seeds.seed_sweep`, any backend)
+into ``<out>/runs/<preset>-seeds``, and each claim shows the median and the
+interquartile range of its measured value over the seeds.
+
+The claims reproduce Razin, Yadin & Cohen (ICML 2021), Razin, Maman & Cohen
+(ICML 2022), Arora, Cohen, Hu & Luo (NeurIPS 2019) and Razin & Cohen
+(NeurIPS 2020); their published values and tolerances live with the presets
+(:mod:`implreg.experiments`), never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from implreg.config import ConfigError, to_mapping
+from implreg.experiments.base import Claim, Preset
+from implreg.runs import CONFIG, SUMMARY, atomic_path, read_json, versions, write_json
+
+BUDGETS = ("reduced", "full")
+HIDDEN_BUDGETS = ("tiny",)  # the tests' budget: each preset's ``tiny`` overrides
+PASS, FAIL, NOT_RUN = "pass", "FAIL", "not run"
+VERDICTS = (PASS, FAIL, NOT_RUN)
+
+
+class ReportInterrupted(RuntimeError):
+    """Ctrl-C / SIGTERM during a run: the finished runs are kept; the same command resumes."""
+
+
+@dataclass
+class ClaimRow:
+    """One claim of one preset as measured in this report."""
+
+    preset: str
+    name: str
+    statement: str
+    source: str
+    published: float | None
+    criterion: str
+    budget: str
+    measured: float | None = None
+    verdict: str = NOT_RUN
+    reason: str = ""
+    seeds: dict | None = None  # n, median, q25, q75, values of the measured value over seeds
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PresetRow:
+    """One preset: how its run went, where it is, its figures, its claims, its time."""
+
+    name: str
+    reproduces: str
+    status: str = "not run"  # ok | problems | failed | not run
+    note: str = ""
+    run_dir: str | None = None
+    reused: bool = False
+    seconds: float = 0.0
+    run_seconds: float | None = None  # as recorded by the run (its own session)
+    figures: list[str] = field(default_factory=list)
+    seed_dir: str | None = None
+    seed_seconds: float = 0.0
+    claims: list[ClaimRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["claims"] = [c.as_dict() for c in self.claims]
+        return out
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote: the rows, the check table and the paths."""
+
+    out_dir: Path
+    budget: str
+    presets: list[PresetRow]
+    checks: list[dict]
+    times: dict[str, float]
+    paths: dict[str, Path]
+
+    @property
+    def claims(self) -> list[ClaimRow]:
+        return [c for p in self.presets for c in p.claims]
+
+    def counts(self) -> dict[str, int]:
+        out = {v: 0 for v in VERDICTS}
+        for c in self.claims:
+            out[c.verdict] += 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def check_inputs(
+    budget: str,
+    presets: Sequence[str] | None,
+    out_dir: str | Path,
+    data_dir: str | Path | None,
+    backend: str,
+    seeds: Sequence[int] | None,
+    checks: Sequence[str] | None,
+) -> list[Preset]:
+    """Refuse bad input in one sentence (:class:`ConfigError`) before any work starts."""
+    from implreg.api import _check_backend, _check_out
+    from implreg.checks import CHECKS
+    from implreg.experiments import PRESETS
+
+    if budget not in BUDGETS + HIDDEN_BUDGETS:
+        raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    names = list(PRESETS) if presets is None else list(presets)
+    if not names:
+        raise ConfigError("--only names no preset")
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown preset {unknown[0]!r}; known presets: {', '.join(PRESETS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError("--only names a preset twice")
+    if str(out_dir).strip() == "":
+        raise ConfigError("--out must name a folder, got ''")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    _check_out(out)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is not a folder")
+    _check_backend(backend)
+    if seeds is not None and (not seeds or min(seeds) < 0):
+        raise ConfigError("--seeds must name at least one seed, none negative")
+    if checks is not None:
+        bad = [c for c in checks if c not in CHECKS]
+        if bad:
+            raise ConfigError(f"unknown check {bad[0]!r}; the checks are {', '.join(CHECKS)}")
+    ordered = [n for n in PRESETS if n in set(names)]  # registry order
+    return [PRESETS[n] for n in ordered]
+
+
+def budget_overrides(preset: Preset, budget: str) -> Mapping[str, Any] | None:
+    """The overrides of ``preset`` at ``budget`` (None: the preset does not run there)."""
+    if budget == "full":
+        return {}
+    if budget == "tiny":
+        return dict(preset.tiny)
+    return None if preset.reduced is None else dict(preset.reduced)
+
+
+def _reads_data(preset: Preset) -> bool:
+    cfg = preset.config
+    has = "data_dir" in {f.name for f in dataclasses.fields(cfg)}
+    return has and bool(getattr(cfg, "needs_data_dir", lambda: True)())
+
+
+# ---------------------------------------------------------------------------------------------
+# claims
+
+
+def evaluate_claim(
+    preset: str,
+    claim: Claim,
+    summary: Mapping[str, Any] | None,
+    budget: str,
+    why_not: str = "",
+) -> ClaimRow:
+    """A claim's row: measured value and verdict, or "not run" and the reason."""
+    row = ClaimRow(
+        preset,
+        claim.name,
+        claim.statement,
+        claim.source,
+        claim.published,
+        claim.criterion(),
+        claim.budget,
+    )
+    if not claim.runs_at(budget):
+        row.reason = f"not run at this budget (meaningful at the {claim.budget} budget)"
+        return row
+    if summary is None:
+        row.reason = why_not or "the preset did not run"
+        return row
+    try:
+        value = claim.value(summary)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as exc:
+        row.measured = math.nan
+        row.verdict = FAIL
+        row.reason = f"cannot be measured from the summary ({type(exc).__name__}: {exc})"
+        return row
+    row.measured = value
+    row.verdict = PASS if claim.holds(value) else FAIL
+    if not math.isfinite(value):
+        row.reason = "the measured value is not finite"
+    return row
+
+
+def seed_statistics(claim: Claim, summaries: Sequence[Mapping[str, Any]]) -> dict:
+    """Median and quartiles of a claim's measured value over seed runs (NaN ones dropped)."""
+    values = []
+    for s in summaries:
+        try:
+            values.append(claim.value(s))
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+            values.append(math.nan)
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    out: dict[str, Any] = {"n": int(finite.size), "values": values}
+    if finite.size:
+        q25, med, q75 = np.percentile(finite, [25, 50, 75])
+        out |= {"median": float(med), "q25": float(q25), "q75": float(q75)}
+        out["passed"] = int(sum(claim.holds(v) for v in values))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _same_config(run_dir: Path, cfg: Any) -> bool:
+    try:
+        saved = read_json(run_dir / CONFIG)
+    except (OSError, ValueError):
+        return False
+    want = json.loads(json.dumps(to_mapping(cfg), default=list))
+    return isinstance(saved, dict) and saved.get("config") == want
+
+
+def _set_aside(path: Path, log: Callable[[str], None]) -> None:
+    """Move a run folder of another configuration out of the way (kept, never deleted)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    log(f"{path} holds a run of another configuration: moved to {target.name}")
+
+
+def _as_strings(overrides: Mapping[str, Any]) -> list[str]:
+    """``key=value`` strings (the sweep engine's form) from Python override values."""
+    out = []
+    for k, v in overrides.items():
+        if isinstance(v, (tuple, list)):
+            text = ",".join(str(x) for x in v)
+        elif isinstance(v, bool):
+            text = "true" if v else "false"
+        else:
+            text = str(v)
+        out.append(f"{k}={text}")
+    return out
+
+
+def _run_one(
+    preset: Preset,
+    budget: str,
+    runs: Path,
+    data_dir: str | Path | None,
+    backend: str,
+    reuse: bool,
+    threads: int | None,
+    log: Callable[[str], None],
+) -> tuple[PresetRow, dict | None, str]:
+    """Run (or reuse) one preset; returns its row, its summary and why it has none."""
+    from implreg.api import RunError, resolve, run_preset
+
+    row = PresetRow(preset.name, preset.reproduces)
+    overrides = budget_overrides(preset, budget)
+    if overrides is None:
+        row.note = f"not run at the {budget} budget: {preset.reduced_note or 'none declared'}"
+        return row, None, row.note
+    if _reads_data(preset) and data_dir is None and not os.environ.get("IMPLREG_DATA_DIR"):
+        row.note = "not run: needs --data-dir (the MNIST / Fashion-MNIST files)"
+        return row, None, row.note
+    if "data_dir" not in {f.name for f in dataclasses.fields(preset.config)}:
+        data_dir = None  # the presets that read no data refuse one
+    path = runs / preset.name
+    row.run_dir = str(path.relative_to(runs.parent))
+    start = time.perf_counter()
+    try:
+        _, _, cfg = resolve(preset.name, overrides=overrides, data_dir=data_dir)
+        if path.exists() and (not reuse or not _same_config(path, cfg)):
+            _set_aside(path, log)
+        if (path / SUMMARY).is_file():
+            run = _load(path)
+            row.reused = True
+            log(f"{preset.name}: reusing the finished run in {path}")
+        elif (path / CONFIG).is_file():
+            log(f"{preset.name}: resuming the unfinished run in {path}")
+            run = run_preset(out=path, resume=True, backend=backend, log=log, threads=threads)
+        else:
+            log(f"{preset.name}: running ({budget} budget) into {path}")
+            run = run_preset(
+                preset.name,
+                out=path,
+                overrides=overrides,
+                data_dir=data_dir,
+                backend=backend,
+                log=lambda *_: None,
+                threads=threads,
+            )
+    except (ConfigError, RunError, OSError, RuntimeError, ValueError) as exc:
+        row.seconds = time.perf_counter() - start
+        row.status = "failed"
+        row.note = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        log(f"{preset.name}: FAILED ({row.note})")
+        return row, None, f"the run failed ({row.note})"
+    row.seconds = time.perf_counter() - start
+    if run.interrupted:
+        raise ReportInterrupted(f"{preset.name} was interrupted; its run folder {path} is kept")
+    summary = run.summary
+    if summary is None:
+        row.status = "failed"
+        row.note = "the run ended without a summary"
+        return row, None, row.note
+    problems = list(summary.get("problems", []))
+    row.status = "problems" if (run.exit_code != 0 or problems) else "ok"
+    if row.status == "problems":
+        row.note = "; ".join(problems) or f"the run exited with code {run.exit_code}"
+    row.run_seconds = summary.get("wall_seconds_this_session")
+    row.figures = [str(p.relative_to(runs.parent)) for p in _figures(run.path)]
+    return row, summary, ""
+
+
+def _load(path: Path):
+    from implreg.api import load
+
+    return load(path)
+
+
+def _figures(path: Path) -> list[Path]:
+    """The run's figures: its own PNGs, then those of sub-runs (e.g. dynamics-mf-tf-htf)."""
+    top = sorted(path.glob("*.png"))
+    subs = sorted(p for p in path.glob("*/*.png") if p.parent.name != "units")
+    return top + subs
+
+
+def _run_seeds(
+    preset: Preset,
+    budget: str,
+    runs: Path,
+    seeds: Sequence[int],
+    data_dir: str | Path | None,
+    backend: str,
+    reuse: bool,
+    log: Callable[[str], None],
+) -> tuple[list[dict], str]:
+    """The summaries of one run per seed (the sweep engine; finished seeds are reused)."""
+    from implreg.seeds import seed_sweep
+
+    overrides = _as_strings(budget_overrides(preset, budget) or {})
+    if "data_dir" not in {f.name for f in dataclasses.fields(preset.config)}:
+        data_dir = None
+    path = runs / f"{preset.name}-seeds"
+    if path.exists():
+        try:
+            saved = read_json(path / "sweep.json")
+        except (OSError, ValueError):
+            saved = {}
+        same = saved.get("overrides") == _sweep_overrides(preset, overrides)
+        if not reuse or not same:
+            _set_aside(path, log)
+    log(f"{preset.name}: seeds {', '.join(map(str, seeds))} into {path}")
+    result = seed_sweep(
+        preset.name,
+        seeds,
+        out=path,
+        overrides=overrides,
+        data_dir=data_dir,
+        backend=backend,
+    )
+    if result.interrupted:
+        raise ReportInterrupted(f"the seed sweep of {preset.name} was interrupted; kept in {path}")
+    summaries = [read_json(path / f"seed-{s}" / SUMMARY) for s in result.seeds]
+    return summaries, str(path.relative_to(runs.parent))
+
+
+def _sweep_overrides(preset: Preset, overrides: list[str]) -> list[str]:
+    """The overrides as :func:`implreg.seeds.seed_sweep` records them in ``sweep.json``."""
+    if "workers" in {f.name for f in dataclasses.fields(preset.config)}:
+        overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "workers"]
+        overrides.append("workers=1")
+    return overrides
+
+
+def build_report(
+    out_dir: str | Path,
+    budget: str,
+    presets: Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    backend: str = "local",
+    reuse: bool = True,
+    log: Callable[[str], None] = print,
+    *,
+    seeds: Sequence[int] | None = None,
+    checks: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> Report:
+    """Run (or reuse) every preset at ``budget`` and write the report into ``out_dir``.
+
+    ``presets``: names (default: all, in registry order); ``data_dir``: the
+    MNIST / Fashion-MNIST folder (presets that read it are "not run" without
+    it); ``reuse=False`` sets earlier runs aside (renamed, never deleted) and
+    runs again; ``seeds``: also run each seeded preset once per seed (median
+    and IQR per claim); ``checks``: the theorem checks to run (default: all);
+    ``threads``: torch threads of each run (default: the thread policy).
+    Returns the :class:`Report`; raises :class:`ConfigError` on bad input
+    before any work and :class:`ReportInterrupted` after Ctrl-C.
+    """
+    from implreg.checks import run_checks
+
+    chosen = check_inputs(budget, presets, out_dir, data_dir, backend, seeds, checks)
+    out = Path(out_dir)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    data = str(Path(data_dir).resolve()) if data_dir is not None else None
+    start = time.perf_counter()
+    times: dict[str, float] = {}
+    rows: list[PresetRow] = []
+    for preset in chosen:
+        row, summary, why = _run_one(preset, budget, runs, data, backend, reuse, threads, log)
+        times[f"run {preset.name}"] = row.seconds
+        row.claims = [evaluate_claim(preset.name, c, summary, budget, why) for c in preset.claims]
+        seeded = "seed" in {f.name for f in dataclasses.fields(preset.config)}
+        if seeds and seeded and summary is not None:
+            t0 = time.perf_counter()
+            try:
+                summaries, row.seed_dir = _run_seeds(
+                    preset, budget, runs, seeds, data, backend, reuse, log
+                )
+            except (ConfigError, OSError, RuntimeError, ValueError) as exc:
+                if isinstance(exc, ReportInterrupted):
+                    raise
+                row.note = (row.note + "; " if row.note else "") + (
+                    f"the seed sweep failed ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                )
+                summaries = []
+            row.seed_seconds = time.perf_counter() - t0
+            times[f"seeds {preset.name}"] = row.seed_seconds
+            for c, claim in zip(row.claims, preset.claims):
+                if summaries and c.verdict != NOT_RUN:
+                    c.seeds = seed_statistics(claim, summaries)
+        rows.append(row)
+        counts = {v: sum(c.verdict == v for c in row.claims) for v in VERDICTS}
+        log(
+            f"{preset.name}: {row.status}, {row.seconds:.1f} s; claims "
+            + ", ".join(f"{n} {v}" for v, n in counts.items())
+        )
+    t0 = time.perf_counter()
+    log("theorem checks ...")
+    results = run_checks(checks, seed=0, log=log)
+    times["theorem checks"] = time.perf_counter() - t0
+    check_rows = [r.as_dict() | {"passed": r.passed} for r in results]
+    t0 = time.perf_counter()
+    report = Report(out, budget, rows, check_rows, times, {})
+    times["total"] = time.perf_counter() - start  # up to the rendering, which is timed below
+    report.paths = write_report(report, times_render_start=t0)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "n/a"
+    if float(x).is_integer() and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def _seed_text(s: dict | None) -> str:
+    if not s:
+        return "-"
+    if not s.get("n"):
+        return "no finite value"
+    return (
+        f"median {_num(s['median'])} (IQR {_num(s['q25'])}-{_num(s['q75'])}), "
+        f"{s['passed']}/{len(s['values'])} seeds pass"
+    )
+
+
+CLAIM_HEADS = (
+    "preset",
+    "claim",
+    "statement",
+    "source",
+    "published",
+    "pass if",
+    "budget",
+    "measured",
+    "over seeds",
+    "verdict",
+    "note",
+)
+CHECK_HEADS = ("check", "statement", "source", "measured", "tolerance", "samples", "s", "verdict")
+PRESET_HEADS = ("preset", "status", "run folder", "run time (s)", "seeds time (s)", "note")
+
+
+def _claim_cells(c: ClaimRow) -> list[str]:
+    return [
+        c.preset,
+        c.name,
+        c.statement,
+        c.source,
+        _num(c.published),
+        c.criterion,
+        c.budget,
+        _num(c.measured),
+        _seed_text(c.seeds),
+        c.verdict,
+        c.reason,
+    ]
+
+
+def _check_cells(r: dict) -> list[str]:
+    return [
+        r["name"],
+        r["statement"],
+        r["source"],
+        f"{r['measured']:.3g}",
+        f"{r['tolerance']:.3g}",
+        str(r["samples"]),
+        f"{r['seconds']:.1f}",
+        PASS if r["passed"] else FAIL,
+    ]
+
+
+def _preset_cells(p: PresetRow) -> list[str]:
+    run_time = f"{p.seconds:.1f}"
+    if p.reused:
+        recorded = f"{p.run_seconds:.1f} when run" if p.run_seconds is not None else "earlier"
+        run_time = f"reused ({recorded})"
+    return [
+        p.name,
+        p.status,
+        p.run_dir or "-",
+        run_time,
+        f"{p.seed_seconds:.1f}" if p.seed_dir else "-",
+        p.note,
+    ]
+
+
+def _header(report: Report, times: dict[str, float]) -> dict[str, str]:
+    counts = report.counts()
+    checks_ok = sum(r["passed"] for r in report.checks)
+    return {
+        "budget": report.budget,
+        "written": _dt.datetime.now().isoformat(timespec="seconds"),
+        "claims": f"{counts[PASS]} pass, {counts[FAIL]} FAIL, {counts[NOT_RUN]} not run",
+        "theorem checks": f"{checks_ok} of {len(report.checks)} pass",
+        "total time": f"{times['total']:.1f} s",
+        "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
+    }
+
+
+def render_markdown(report: Report, times: dict[str, float]) -> str:
+    """The Markdown twin of the HTML page (same tables, figures as image links)."""
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    def table(heads: Sequence[str], rows: list[list[str]]) -> list[str]:
+        out = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+        out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+        return out
+
+    lines = [f"# implreg report ({report.budget} budget)", ""]
+    lines += [f"- {k}: {cell(v)}" for k, v in _header(report, times).items()]
+    lines += ["", "## Published vs measured", ""]
+    lines += table(CLAIM_HEADS, [_claim_cells(c) for c in report.claims])
+    lines += ["", "## Theorem checks", ""]
+    lines += table(CHECK_HEADS, [_check_cells(r) for r in report.checks])
+    lines += ["", "## Presets", ""]
+    lines += table(PRESET_HEADS, [_preset_cells(p) for p in report.presets])
+    lines += ["", "## Time of each part", ""]
+    lines += table(("part", "seconds"), [[k, f"{v:.1f}"] for k, v in times.items()])
+    lines += ["", "## Figures", ""]
+    for p in report.presets:
+        if p.figures:
+            lines += [f"### {p.name}", "", f"{cell(p.reproduces)}", ""]
+            lines += [f"![{p.name}: {Path(f).name}]({f})" for f in p.figures] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:110em}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #bbb;padding:.25em .5em;vertical-align:top;font-size:.9em}"
+    "th{background:#eee}.pass{background:#dfd}.FAIL{background:#fdd}"
+    ".not-run{background:#eee;color:#555}img{max-width:100%;border:1px solid #ddd}"
+)
+
+
+def render_html(report: Report, times: dict[str, float]) -> str:
+    """One static page: no script, no external resource; images by relative path."""
+    e = html.escape
+
+    def table(heads: Sequence[str], rows: list[list[str]], cls: str, verdict_col: int | None):
+        out = [f'<table class="{cls}">', "<tr>" + "".join(f"<th>{e(h)}</th>" for h in heads)]
+        for r in rows:
+            cells = []
+            for i, c in enumerate(r):
+                css = f' class="{c.replace(" ", "-")}"' if i == verdict_col else ""
+                cells.append(f"<td{css}>{e(c)}</td>")
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        return out + ["</table>"]
+
+    title = f"implreg report ({report.budget} budget)"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<ul>",
+        *(f"<li>{e(k)}: {e(v)}</li>" for k, v in _header(report, times).items()),
+        "</ul>",
+        "<h2>Published vs measured</h2>",
+        *table(CLAIM_HEADS, [_claim_cells(c) for c in report.claims], "claims", 9),
+        "<h2>Theorem checks</h2>",
+        *table(CHECK_HEADS, [_check_cells(r) for r in report.checks], "checks", 7),
+        "<h2>Presets</h2>",
+        *table(PRESET_HEADS, [_preset_cells(p) for p in report.presets], "presets", None),
+        "<h2>Time of each part</h2>",
+        *table(("part", "seconds"), [[k, f"{v:.1f}"] for k, v in times.items()], "times", None),
+        "<h2>Figures</h2>",
+    ]
+    for p in report.presets:
+        if p.figures:
+            parts += [f'<h3 id="{e(p.name)}">{e(p.name)}</h3>', f"<p>{e(p.reproduces)}</p>"]
+            parts += [
+                f'<p><img src="{e(f)}" alt="{e(p.name)}: {e(Path(f).name)}"></p>' for f in p.figures
+            ]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(report: Report, times_render_start: float | None = None) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into the report folder, each
+    atomically (a reader sees the old file or the new one)."""
+    times = report.times
+    if times_render_start is not None:
+        times["render"] = time.perf_counter() - times_render_start
+    out = report.out_dir
+    paths = {k: out / f"report.{k}" for k in ("json", "md", "html")}
+    counts = report.counts()
+    write_json(
+        paths["json"],
+        {
+            "budget": report.budget,
+            "counts": counts,
+            "presets": [p.as_dict() for p in report.presets],
+            "checks": report.checks,
+            "times": times,
+            "versions": versions(),
+        },
+    )
+    for kind, text in (
+        ("md", render_markdown(report, times)),
+        ("html", render_html(report, times)),
+    ):
+        with atomic_path(paths[kind]) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return paths

@@ -1,0 +1,269 @@
+"""``implreg report``: claims declared by the presets, verdicts, and the page it writes.
+
+The report runs presets at their ``tiny`` budget here (the hidden budget of the
+tests); the HTML is read back with :class:`html.parser.HTMLParser`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from implreg.cli import main
+from implreg.experiments import PRESETS
+from implreg.experiments.base import Claim
+from implreg.report import FAIL, NOT_RUN, PASS, VERDICTS, build_report, evaluate_claim
+
+QUICK = ["tf-dynamics", "mf-det-sign", "locality-pathfinder", "tensor-rank-complexity"]
+
+
+class Page(HTMLParser):
+    """Tables (by class) as rows of cell texts, image sources, and any script or link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self.scripts = 0
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("class", "")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append(a["src"])
+        elif tag in ("script", "link", "iframe"):
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _rows(table: list[list[str]]) -> list[dict[str, str]]:
+    heads, *rows = table
+    return [dict(zip(heads, r)) for r in rows]
+
+
+def _md_claims(text: str) -> list[tuple[str, str, str]]:
+    section = text.split("## Published vs measured", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| ")][2:]  # no header, rule
+    out = []
+    for ln in lines:
+        cells = [c.strip().replace("\\|", "|") for c in ln.strip("|").split(" | ")]
+        out.append((cells[0], cells[1], cells[9]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("IMPLREG_DATA_DIR", raising=False)
+        report = build_report(
+            out, "tiny", presets=QUICK, checks=["lemma1-cp"], threads=1, log=lambda *_: None
+        )
+    return report
+
+
+def test_every_preset_declares_claims():
+    for name, preset in PRESETS.items():
+        assert preset.claims, f"{name} declares no claim"
+        for c in preset.claims:
+            assert c.statement and c.source and c.name
+        if preset.reduced is None:
+            assert preset.reduced_note, f"{name} skips the reduced budget without saying why"
+        names = [(c.name, c.budget) for c in preset.claims]
+        assert len(set(names)) == len(names), f"{name} declares a claim twice"
+
+
+def test_a_violated_claim_fails_and_a_kept_one_passes():
+    claims = {c.name: c for c in PRESETS["tf-dynamics"].claims}
+    fake = {
+        "runs": [
+            {"init_std": 0.05, "n_learned": 6, "final_reconstruction_error": 0.08},
+            {"init_std": 0.005, "n_learned": 4, "final_reconstruction_error": 0.5},
+        ]
+    }
+    rows = {n: evaluate_claim("tf-dynamics", c, fake, "full") for n, c in claims.items()}
+    assert rows["components learned"].verdict == FAIL
+    assert rows["components learned"].measured == 4
+    assert rows["reconstruction error"].verdict == FAIL
+    assert rows["smaller init, lower error"].verdict == FAIL  # 0.08 / 0.5 < 1
+    fake["runs"][1] |= {"n_learned": 5, "final_reconstruction_error": 0.004}
+    rows = {n: evaluate_claim("tf-dynamics", c, fake, "full") for n, c in claims.items()}
+    assert {r.verdict for r in rows.values()} == {PASS}
+    # a summary without the measured key: FAIL with a reason, never a crash
+    row = evaluate_claim("tf-dynamics", claims["components learned"], {"runs": []}, "full")
+    assert row.verdict == FAIL and math.isnan(row.measured) and "cannot be measured" in row.reason
+
+
+@pytest.mark.parametrize(
+    ("compare", "published", "tolerance", "good", "bad"),
+    [
+        ("at_most", 0.005, 0.005, 0.01, 0.0101),
+        ("at_most", None, 1.0, 0.99, 1.01),
+        ("at_least", 8.0, 4.0, 4.0, 3.9),
+        ("at_least", None, 0.01, 0.02, 0.005),
+        ("within_abs", 50.5, 5.0, 45.6, 44.0),
+        ("within_rel", 70.7, 0.02, 71.9, 72.2),
+        ("equals", 5.0, 0.0, 5.0, 6.0),
+    ],
+)
+def test_compare_semantics(compare, published, tolerance, good, bad):
+    c = Claim("x", "s", "src", published, "value", compare, tolerance)
+    assert c.holds(c.value({"value": good}))
+    assert not c.holds(c.value({"value": bad}))
+    assert not c.holds(float("nan"))
+
+
+def test_claim_declarations_are_checked():
+    with pytest.raises(ValueError):
+        Claim("x", "s", "src", 1.0, "v", "roughly", 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Claim("x", "s", "src", None, "v", "within_rel", 0.1)
+    c = Claim("x", "s", "src", 1.0, "v", "equals", 0.0, "full")
+    row = evaluate_claim("p", c, {"v": 1.0}, "reduced")
+    assert row.verdict == NOT_RUN and "not run at this budget" in row.reason
+
+
+def test_html_page(tiny_report):
+    out = tiny_report.out_dir
+    page = _parse(out / "report.html")
+    assert page.scripts == 0
+    assert "http://" not in (out / "report.html").read_text()
+    assert page.images, "no figure on the page"
+    for src in page.images:
+        assert not Path(src).is_absolute()
+        assert (out / src).is_file(), src
+    claims = _rows(page.tables["claims"])
+    expected = sum(len(PRESETS[n].claims) for n in QUICK)
+    assert len(claims) == expected
+    for row in claims:
+        assert row["verdict"] in VERDICTS, row
+        if row["verdict"] != NOT_RUN:
+            assert row["measured"] not in ("", "-"), row
+        else:
+            assert row["note"], row
+    data = [r for r in claims if r["preset"] == "tensor-rank-complexity"]
+    assert data and all(r["verdict"] == NOT_RUN for r in data)
+    assert all("--data-dir" in r["note"] for r in data if r["budget"] == "both")
+    assert all("at this budget" in r["note"] for r in data if r["budget"] == "full")
+    ran = [r for r in claims if r["preset"] == "tf-dynamics"]
+    assert all(r["verdict"] in (PASS, FAIL) for r in ran)
+    checks = _rows(page.tables["checks"])
+    assert [r["check"] for r in checks] == ["lemma1-cp"]
+    assert checks[0]["verdict"] in (PASS, FAIL)
+    times = {r["part"]: float(r["seconds"]) for r in _rows(page.tables["times"])}
+    for part in ("run tf-dynamics", "run mf-det-sign", "theorem checks", "total"):
+        assert part in times
+    assert times["run tf-dynamics"] > 0
+
+
+def test_markdown_twin_has_the_same_claim_rows(tiny_report):
+    out = tiny_report.out_dir
+    page = _parse(out / "report.html")
+    html_rows = [(r["preset"], r["claim"], r["verdict"]) for r in _rows(page.tables["claims"])]
+    assert _md_claims((out / "report.md").read_text()) == html_rows
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["counts"] == tiny_report.counts()
+    assert sum(saved["counts"].values()) == len(html_rows)
+
+
+def test_a_report_reuses_finished_runs_and_keeps_other_configs(tiny_report, monkeypatch):
+    out = tiny_report.out_dir
+    again = build_report(out, "tiny", presets=["tf-dynamics"], checks=["lemma1-cp"], log=str)
+    assert again.presets[0].reused
+    assert [c.verdict for c in again.claims] == [
+        c.verdict for c in tiny_report.claims if c.preset == "tf-dynamics"
+    ]
+    # another configuration in the same folder: the old run is set aside, never deleted
+    preset = PRESETS["tf-dynamics"]
+    other = dataclasses.replace(preset, tiny={**preset.tiny, "max_iterations": 200})
+    monkeypatch.setitem(PRESETS, "tf-dynamics", other)
+    third = build_report(out, "tiny", presets=["tf-dynamics"], checks=["lemma1-cp"], log=str)
+    assert not third.presets[0].reused
+    assert list((out / "runs").glob("tf-dynamics.replaced-*"))
+
+
+def test_a_failing_preset_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    import implreg.api
+    from implreg.api import RunError
+
+    def broken(*args, **kwargs):
+        raise RunError("cannot write x: no space left on the device")
+
+    monkeypatch.setattr(implreg.api, "run_preset", broken)
+    report = build_report(tmp_path, "tiny", presets=["mf-det-sign"], checks=["lemma1-cp"], log=str)
+    row = report.presets[0]
+    assert row.status == "failed" and "no space left" in row.note
+    assert all(c.verdict == NOT_RUN and "failed" in c.reason for c in row.claims)
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_seed_statistics(tmp_path):
+    report = build_report(
+        tmp_path,
+        "tiny",
+        presets=["mf-det-sign"],
+        seeds=[0, 1],
+        checks=["lemma1-cp"],
+        threads=1,
+        log=str,
+    )
+    rows = [c for c in report.claims if c.verdict != NOT_RUN]
+    measured = [c for c in rows if c.seeds and c.seeds["n"]]
+    assert measured, "no claim has seed statistics"
+    for c in measured:
+        assert c.seeds["q25"] <= c.seeds["median"] <= c.seeds["q75"]
+        assert len(c.seeds["values"]) == 2
+    page = _parse(tmp_path / "report.html")
+    assert any("median" in r["over seeds"] for r in _rows(page.tables["claims"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["report", "--budget", "huge"], "--budget"),
+        (["report", "--budget", "reduced", "--only", "tf-dynamics,nope"], "unknown preset"),
+        (["report", "--budget", "reduced", "--seeds", "2-1"], "backwards"),
+        (["report", "--budget", "reduced", "--backend", "carrier-pigeon"], "backend"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_that_is_a_file_is_refused(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["report", "--budget", "reduced", "--out", str(f)]) == 2
+    assert "not a folder" in capsys.readouterr().err
