@@ -15,10 +15,10 @@ def test_every_check_passes_and_is_written(tmp_path, capsys):
     data = json.loads((out / "checks.json").read_text())["checks"]
     assert [r["name"] for r in data] == list(checks.CHECKS)
     for r in data:
-        assert r["passed"] and 0 <= r["measured"] <= r["tolerance"] and r["samples"] >= 10
+        assert r["passed"] and 0 <= r["measured"] <= r["tolerance"] and r["samples"] >= 7
     table = (out / "checks.md").read_text()
     assert table.count("| pass |") == len(checks.CHECKS)
-    assert "5 of 5 checks pass" in capsys.readouterr().out
+    assert f"{len(checks.CHECKS)} of {len(checks.CHECKS)} checks pass" in capsys.readouterr().out
 
 
 def test_corollary1_fails_from_an_unbalanced_init():
@@ -26,6 +26,14 @@ def test_corollary1_fails_from_an_unbalanced_init():
     the tolerance, so the check can tell."""
     res = checks.check_corollary1_cp(spread=0.3, samples=3)
     assert not res.passed and res.measured > 100 * res.tolerance
+
+
+def test_theorem2_distance_is_large_at_large_init_scales():
+    """Theorem 2 is a small-init statement: from scales 0.1 and 0.03 the trajectory is far
+    from the rank-one one (the check reports the distance at the smallest scale given)."""
+    res = checks.check_theorem2_cp(alphas=(0.1, 0.03))
+    assert not res.passed and res.measured > 4 * res.tolerance
+    assert [row["alpha"] for row in res.table] == [0.1, 0.03]
 
 
 def test_lemma1_fails_when_the_integration_is_coarse(monkeypatch):
