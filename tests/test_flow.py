@@ -255,3 +255,29 @@ def test_tf_flow_preset_tiny_runs_and_records_time(tmp_path):
     assert text[0].startswith("iteration,run,init_std")
     xs = sorted({float(line.split(",")[0]) for line in text[1:]})
     assert xs[0] == 0.0 and any(x != int(x) for x in xs)  # t / lr: log-spaced, not integers
+
+
+def test_a_killed_flow_run_resumes_from_its_last_checkpoint_bit_identically(tmp_path):
+    """kill -9 (a BaseException raised at the interrupt poll) after some chunks: the folder
+    keeps its last checkpoint and ``--resume`` ends with the files of an uninterrupted run."""
+    from test_crash_safety import DieAfter, Killed, _same_folder_results
+
+    from implreg.api import run_preset
+    from implreg.experiments import get_preset
+    from implreg.runs import CHECKPOINT, SUMMARY, load_checkpoint
+
+    tiny = dict(get_preset("tf-flow").tiny)
+    cfg = get_preset("tf-flow").config
+
+    def go(out, **kw):
+        return run_preset(cfg, out=out, overrides=tiny, log=lambda *_: None, **kw)
+
+    assert go(tmp_path / "whole").exit_code == 0
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        go(out, interrupt=DieAfter(3), checkpoint_every=2, checkpoint_seconds=0.0)
+    assert (out / CHECKPOINT).is_file() and not (out / SUMMARY).exists()
+    assert load_checkpoint(out)["iteration"] > 1  # record times done when it was written
+    resumed = run_preset(out=out, resume=True, log=lambda *_: None)
+    assert resumed.exit_code == 0 and not (out / CHECKPOINT).exists()
+    _same_folder_results(out, tmp_path / "whole")

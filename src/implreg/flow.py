@@ -20,7 +20,8 @@ run folders as :func:`implreg.training.train`:
   (``torchdiffeq.odeint_event``) on that run alone, from the last record;
 - the integration restarts at every chunk of ``chunk`` record times, so the
   checkpoint written between chunks is everything the next chunk reads: a run
-  resumed from it is bit-identical to one never interrupted.
+  resumed from it is bit-identical to one never interrupted (a checkpoint
+  interval counted in iterations, ``--checkpoint-every N``, counts chunks here).
 
 Stops: ``converged`` (loss below ``threshold``), ``max_time`` (``t_max``
 reached), ``max_evals`` (the budget of gradient evaluations spent),
@@ -267,11 +268,12 @@ def flow_train(
         k = 1
     interrupted = False
     first = k
+    chunks = 0  # solver calls made in this session: ``--checkpoint-every`` counts these
     while running() and k < len(grid):
         if interrupt is not None and interrupt.is_set():
             interrupted = True
             break
-        if checkpoint is not None and k != first and checkpoint.due(k):
+        if checkpoint is not None and k != first and checkpoint.due(chunks):
             state.iteration, state.optimizer["evaluations"] = k, counter[0]
             state.optimizer["time"] = float(grid[k - 1])
             checkpoint.write(
@@ -310,6 +312,7 @@ def flow_train(
             break
         finally:
             system.limit = None
+        chunks += 1
         prev = y0
         for j in range(1, len(times)):
             y1 = sol[j]
