@@ -220,6 +220,15 @@ class FitResult:
     evaluations: int
 
 
+def check_fit_data(x: Tensor, targets: Tensor) -> Tensor:
+    """Integer inputs ``x`` and real ``targets``, returned as ``(samples, tasks)``."""
+    _check_tensor("x", x, integer=True)
+    _check_tensor("targets", targets)
+    if targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be a real tensor, got dtype {targets.dtype}")
+    return targets.unsqueeze(1) if targets.dim() == 1 else targets
+
+
 def fit_exp_sum(
     x: Tensor,
     targets: Tensor,
@@ -248,12 +257,7 @@ def fit_exp_sum(
     init_scale = _check_real("init_scale", init_scale, nonnegative=True)
     rel_tol = _check_real("rel_tol", rel_tol, nonnegative=True)
     seed = _check_int("seed", seed)
-    _check_tensor("x", x, integer=True)
-    _check_tensor("targets", targets)
-    if targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be a real tensor, got dtype {targets.dtype}")
-    if targets.dim() == 1:
-        targets = targets.unsqueeze(1)
+    targets = check_fit_data(x, targets)
     if targets.dim() != 2:
         raise ValueError(
             f"targets must be (samples,) or (samples, tasks), got {tuple(targets.shape)}"

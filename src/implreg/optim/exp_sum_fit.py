@@ -30,7 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from implreg.factorizations.cp import _check_int, _check_real, _check_tensor
-from implreg.factorizations.cp_exp import ExpSumPredictor, Standardization, one_hot_features
+from implreg.factorizations.cp_exp import (
+    ExpSumPredictor,
+    Standardization,
+    check_fit_data,
+    one_hot_features,
+)
 from implreg.optim.lbfgs import minimize
 
 Tensor = torch.Tensor
@@ -179,12 +184,7 @@ def fit_exp_sum_converged(
     rel_tol = _check_real("rel_tol", rel_tol, nonnegative=True)
     init_scale = _check_real("init_scale", init_scale, nonnegative=True)
     seed = _check_int("seed", seed)
-    _check_tensor("x", x, integer=True)
-    _check_tensor("targets", targets)
-    if targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be a real tensor, got dtype {targets.dtype}")
-    if targets.dim() == 1:
-        targets = targets.unsqueeze(1)
+    targets = check_fit_data(x, targets)
     if targets.dim() != 2 or x.dim() != 2 or x.shape[0] != targets.shape[0]:
         raise ValueError(
             f"x must be (samples, features) and targets (samples, tasks) with one row per "
