@@ -36,6 +36,22 @@ def test_theorem2_distance_is_large_at_large_init_scales():
     assert [row["alpha"] for row in res.table] == [0.1, 0.03]
 
 
+def test_htf_corollary_fails_from_an_unbalanced_init():
+    res = checks.check_htf_corollary(balanced=False, samples=3)
+    assert not res.passed and res.measured > 100 * res.tolerance
+
+
+def test_balanced_htf_init_is_balanced_at_every_node():
+    import torch
+
+    from implreg.factorizations.htf import ModeTree, htf_unbalancedness
+
+    for spec, order, dims in (("adjacent", 4, (3, 3, 3, 3)), ("adjacent", 8, (2,) * 8)):
+        tree = ModeTree.parse(spec, order)
+        params = checks.balanced_htf(tree, dims, 3, 0.5, torch.Generator().manual_seed(1))
+        assert float(htf_unbalancedness(params, tree)[0]) < 1e-12
+
+
 def test_lemma1_fails_when_the_integration_is_coarse(monkeypatch):
     monkeypatch.setattr(checks, "RTOL", 1e-3)
     monkeypatch.setattr(checks, "ATOL", 1e-5)
