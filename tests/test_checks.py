@@ -70,3 +70,12 @@ def test_list_names_every_check(capsys):
     assert main(["check", "--list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in checks.CHECKS)
+
+
+def test_out_that_is_a_file_is_refused_before_any_check(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    assert main(["check", "--only", "lemma1-cp", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "taken" in err and len(err.strip().splitlines()) == 1
+    assert target.read_text() == "mine"
