@@ -14,13 +14,12 @@ from implreg.training import Checkpointer, TrainState
 
 
 def quadratic(a: torch.Tensor):
-    """L_b(θ) = 1/2 Σ_i a_bi θ_bi²: the flow is θ(t) = θ(0) exp(-a t) (runs on axis 0)."""
+    """L_b(θ) = 1/2 Σ_i a_bi θ_bi²: the flow is θ(t) = θ(0) exp(-a t) (one run, or runs that
+    all go on together)."""
 
     def loss_and_grad(params):
         (x,) = params
-        ab = a[: x.shape[0]] if x.shape[0] == a.shape[0] else None
-        assert ab is not None or x.shape[0] == 1
-        return 0.5 * (ab * x**2).sum(1), [ab * x]
+        return 0.5 * (a * x**2).sum(1), [a * x]
 
     return loss_and_grad
 

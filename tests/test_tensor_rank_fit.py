@@ -79,7 +79,10 @@ def test_constant_features_are_dropped_and_get_zero_weight():
     assert torch.isfinite(fit.predictor.values(x)).all()
 
 
-@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no MNIST: real files absent")
+@pytest.mark.skipif(
+    not (DATA / "mnist").is_dir(),
+    reason="no MNIST: ../shared/data and $IMPLREG_DATA_DIR are absent",
+)
 def test_not_worse_than_the_previous_fitter_on_real_mnist():
     """3000 MNIST images, class 6 vs rest, rank 3, the same 150 iterations from the same start."""
     from implreg.problems.images import discretize, load_dataset

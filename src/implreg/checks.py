@@ -521,14 +521,13 @@ def check_htf_local(seed: int = 0, samples: int = 10) -> CheckResult:
             drift = max(drift, float(((sq[1:] - sq[:1]) - d0).abs().max()))
         # the rate identity's ingredients per local component: gamma sigma = <a_K, -grad a_K>
         _, grads = engine.loss_and_grad(ps, loss)
+        norms = htf_local_norms(ps, tree)
         sig_all, gam_all = [], []
-        for v in tree.internal:
-            row = ps[v][0] if v == tree.root else ps[v][0]
-            grow = grads[v][0]
-            x = -(row * grow) if v == tree.root else -(row * grow).sum(-1)
-            sig = htf_local_norms(ps, tree)[tree.internal.index(v)][0]
-            sig_all.append(sig)
-            gam_all.append(x / sig.clamp_min(1e-300))
+        for v, sig in zip(tree.internal, norms):
+            prod = -(ps[v][0] * grads[v][0])
+            x = prod if v == tree.root else prod.sum(-1)
+            sig_all.append(sig[0])
+            gam_all.append(x / sig[0].clamp_min(1e-300))
         sigma, gamma = torch.cat(sig_all), torch.cat(gam_all)
         k = 3
         formula = k * gamma * sigma ** (2 - 2 / k)
