@@ -17,6 +17,7 @@ from implreg.factorizations.cp_engine import (
     DenseSensing,
     GatherCompletion,
     RankOneSensing,
+    SampledCompletion,
     choose_completion_method,
     completion_engine,
     group_modes,
@@ -101,6 +102,8 @@ def test_completion_engines_match_autograd(problem, loss_kind, table_max, chunk)
         GatherCompletion(dims, idx, y, table_max=table_max, chunk=chunk),
         GatherCompletion(dims, idx, y, table_max=1, chunk=max(1, m - 1)),  # one group per mode
     ]
+    if len(dims) >= 2:
+        engines.append(SampledCompletion(dims, idx, y))
     for eng in engines:
         assert eng.m == m
         val, grads = eng.loss_and_grad(f, loss)
@@ -231,9 +234,14 @@ def test_completion_engine_dispatch():
     dims4 = [10] * 4
     idx = _random_idx(dims4, 2000, 0)
     y = torch.zeros(2000, dtype=torch.float64)
-    assert choose_completion_method(dims4, 2000) == "dense"
-    assert isinstance(completion_engine(dims4, idx, y), DenseCompletion)
-    assert isinstance(completion_engine(dims4, idx, y, method="auto"), DenseCompletion)
+    # Figure 3 (density 0.2) on the CPU: sampled products; denser, or on a GPU: dense
+    assert choose_completion_method(dims4, 2000) == "sampled"
+    assert isinstance(completion_engine(dims4, idx, y), SampledCompletion)
+    assert isinstance(completion_engine(dims4, idx, y, method="auto"), SampledCompletion)
+    assert choose_completion_method(dims4, 2000, device="cuda") == "dense"
+    assert choose_completion_method(dims4, 2501) == "dense"
+    assert choose_completion_method([100], 20) == "dense"  # order 1
+    assert isinstance(completion_engine(dims4, idx, y, method="sampled"), SampledCompletion)
     # 10^7 entries, 50 observations: gathering is cheaper
     big = _random_idx([10] * 7, 50, 1)
     assert choose_completion_method([10] * 7, 50) == "gather"
@@ -249,6 +257,42 @@ def test_completion_engine_dispatch():
     assert eng.groups == [[0], [1], [2], [3]] and eng.chunk == 7
     with pytest.raises(ValueError, match="unknown completion method"):
         completion_engine(dims4, idx, y, method="sparse")
+
+
+@settings(max_examples=40)
+@given(problems(max_dim=9, max_m=400), st.sampled_from(["l2", "huber"]))
+def test_sampled_products_equal_the_dense_step(problem, loss_kind):
+    """The sampled engine is the dense engine computed at the observed entries only:
+    same loss, gradients and predictions (repeated and unobserved rows included),
+    in float64 and float32 (to that dtype's rounding)."""
+    dims, rank, batch, m, seed = problem
+    if len(dims) < 2:
+        dims = [*dims, 3]
+    f = random_factors(dims, rank, batch, seed)
+    idx, _ = random_entries(dims, m, seed)
+    idx = torch.cat([idx, idx[: max(1, m // 4)]])  # repeated observations accumulate
+    y = torch.randn(idx.shape[0], dtype=torch.float64, generator=_gen(seed + 1))
+    dense, sampled = DenseCompletion(dims, idx, y), SampledCompletion(dims, idx, y)
+    loss = pick_loss(loss_kind, dense.predict(f) - y)
+    ref_val, ref_grads = dense.loss_and_grad(f, loss)
+    assert_matches(*sampled.loss_and_grad(f, loss), ref_val, ref_grads)
+    assert torch.allclose(sampled.predict(f), dense.predict(f), rtol=1e-10, atol=1e-12)
+    f32, y32 = [x.float() for x in f], y.float()
+    val, grads = SampledCompletion(dims, idx, y32).loss_and_grad(f32, loss)
+    assert val.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    scale = max(float(g.abs().max()) for g in ref_grads) + 1e-30
+    for a, b in zip(grads, ref_grads):
+        assert float((a.double() - b).abs().max()) <= 1e-4 * scale
+
+
+def test_sampled_engine_refuses_order_one_and_other_devices():
+    idx = torch.tensor([[0], [2]])
+    with pytest.raises(ValueError, match="order >= 2"):
+        SampledCompletion([4], idx, torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown completion method"):
+        completion_engine([3, 3], torch.tensor([[0, 1]]), torch.zeros(1), method="sparse")
+    with pytest.raises(ValueError, match="runs on the CPU but y is on meta"):
+        SampledCompletion([3, 3], idx.repeat(1, 2).to("meta"), torch.zeros(2, device="meta"))
 
 
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=5), st.integers(1, 30), st.integers(0, 99))

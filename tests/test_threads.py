@@ -88,9 +88,11 @@ def test_use_threads_restores():
 def test_cp_flops_formula():
     # dense completion: three P x R GEMMs per run
     assert th.cp_step_flops([10] * 4, 1000, 2000, 3, method="dense") == 6 * 3 * 10**4 * 1000
+    # sampled completion: the same products at the m observed entries only
+    assert th.cp_step_flops([10] * 4, 1000, 2000, 3, method="sampled") == 6 * 3 * 2000 * 1000
     assert th.cp_step_flops([10] * 4, 1000, 2000, 3) == th.cp_step_flops(
-        [10] * 4, 1000, 2000, 3, method="dense"
-    )  # auto picks dense for Figure 3
+        [10] * 4, 1000, 2000, 3, method="sampled"
+    )  # auto picks sampled for Figure 3 (density 0.2) on the CPU
     dense = th.cp_step_flops([10] * 4, 10, 50, 1, task="sensing")
     assert dense == 6 * 10**4 * 10 + 4 * 50 * 10**4
     # gather: elementwise work is not counted, only the tables' contractions (groups of
@@ -124,8 +126,10 @@ def test_presets_choose_one_thread_on_two_cores():
         cfg = get_preset(name).config
         assert th.threads_for_config(cfg, cores=2) == 1, name
         assert th.threads_for_config(cfg, requested=2, cores=2) == 2
-    big = dataclasses.replace(get_preset("tf-dynamics").config, rank=100_000)
+    big = dataclasses.replace(get_preset("tf-dynamics").config, rank=100_000, method="dense")
     assert th.threads_for_config(big, cores=2) == 2
+    # the sampled engine's products are 5x fewer (and its kernels run on one thread)
+    assert th.threads_for_config(dataclasses.replace(big, method="auto"), cores=2) == 1
     assert th.threads_for_config(object(), cores=2) == 1  # unknown work: one thread
     mf = get_preset("mf-dynamics").config
     assert th.threads_for_config(mf, cores=2) == 1

@@ -95,6 +95,8 @@ def cp_step_flops(
 
     - dense completion (:class:`~implreg.factorizations.cp_engine.DenseCompletion`):
       three ``P1 x R x P2`` GEMMs, ``6 B P R``;
+    - sampled completion (:class:`~implreg.factorizations.cp_engine.SampledCompletion`):
+      the same products at the ``m`` observed entries only, ``6 B m R``;
     - dense Gaussian sensing: the same plus ``4 B m P`` (predictions and ``X^T dpred``);
     - gather completion: only the contractions of its Khatri-Rao tables'
       backward, ``2 B R sum_g |g| P_g`` over mode groups ``g`` of ``P_g <= 1024``
@@ -115,6 +117,8 @@ def cp_step_flops(
             method = choose_completion_method(dims, m)
         if method == "dense":
             return 6.0 * b * size * r
+        if method == "sampled":
+            return 6.0 * b * m * r
         if method != "gather":
             raise ValueError(f"unknown completion method {method!r}")
         groups = group_modes(dims, 1024)

@@ -83,7 +83,9 @@ class CPDynamicsConfig(FlowOptions):
     max_records: int = param(4000, ge=4)
     top_k: int = param(10, ge=1, doc="trajectories drawn per run")
     learned_fraction: float = param(0.1, gt=0, lt=1, doc="a component left zero above this")
-    method: Literal["auto", "dense", "gather"] = param("auto", doc="completion gradient engine")
+    method: Literal["auto", "dense", "sampled", "gather"] = param(
+        "auto", doc="completion gradient engine (auto: by cost, see completion_engine)"
+    )
     dtype: Literal["float32", "float64"] = "float32"
     recon_sample: int = param(100_000, ge=1, doc="entries sampled for the error when large")
     dense_max: int = param(1 << 22, ge=1, doc="largest tensor built whole for the error")
@@ -275,7 +277,7 @@ def _memory_estimate(cfg: CPDynamicsConfig) -> Estimate:
         else:
             build.append(est(64 * m * (order + 1), "num_observations", f"{_count(m)} index tuples"))
         method = cfg.method if cfg.method != "auto" else choose_completion_method(dims, m)
-        if method == "dense":
+        if method in ("dense", "sampled"):  # sampled: the same tables, fewer temporaries
             dense_step()
         else:
             groups = group_modes(dims, 1024)

@@ -54,6 +54,7 @@ from implreg.factorizations.cp_engine import (
     DenseSensing,
     GatherCompletion,
     RankOneSensing,
+    SampledCompletion,
 )
 from implreg.factorizations.htf import ModeTree, htf_to_tensor
 from implreg.factorizations.htf_engine import (
@@ -236,6 +237,24 @@ def dense_completion_example(
     """CP completion, dense ``T_1 T_2^T`` formulation; entries drawn with replacement."""
     params, idx, y, info = _cp_completion(generator, dtype, batch, dims, rank, m)
     engine = DenseCompletion(info["dims"], idx, y)
+    return EngineExample(engine, params, cp_to_tensor, _entries(idx), y, info)
+
+
+@register_example("SampledCompletion")
+def sampled_completion_example(
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    batch: int | None = None,
+    dims: Sequence[int] | None = None,
+    rank: int | None = None,
+    m: int | None = None,
+) -> EngineExample:
+    """CP completion by sampled products of the halves (order >= 2); entries with replacement."""
+    if dims is None:  # the engine needs two modes or more
+        dims = [_randint(generator, 1, 5) for _ in range(_randint(generator, 2, 4))]
+    params, idx, y, info = _cp_completion(generator, dtype, batch, dims, rank, m)
+    engine = SampledCompletion(info["dims"], idx, y)
     return EngineExample(engine, params, cp_to_tensor, _entries(idx), y, info)
 
 

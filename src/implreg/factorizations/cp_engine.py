@@ -15,6 +15,11 @@ Formulations
     residuals scattered into a dense array, or ``X^T dpred`` for sensing) gives
     ``dT_1 = G T_2`` and ``dT_2 = G^T T_1``: three GEMMs per step, then cheap
     partial MTTKRPs back to the factors.
+``sampled``
+    The dense layout on the CPU, but only the ``m`` observed entries of
+    ``T_1 T_2^T`` are computed and ``G`` is used through its ``m`` nonzeros
+    (:mod:`~implreg.factorizations.sparse_kernels`): ``6 m R`` flops instead of
+    ``6 P R``; chosen by ``auto`` at densities ``m / P <= 1/4``.
 ``gather``
     For tensors too large to build.  Consecutive modes are grouped so that each
     group's Khatri-Rao table ``T_g`` (``prod_{n in g} d_n x R``) stays small;
@@ -45,11 +50,13 @@ from implreg.factorizations.cp import (
     khatri_rao,
     khatri_rao_backward,
 )
+from implreg.factorizations.sparse_kernels import row_sums, row_sums_pairs, sampled_dots
 from implreg.losses import PointwiseLoss
 
 Tensor = torch.Tensor
 
 GATHER_OPTIONS = ("table_max", "chunk")
+COMPLETION_METHODS = ("auto", "dense", "sampled", "gather")
 
 
 def _linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
@@ -249,6 +256,82 @@ class DenseCompletion(_Engine):
         return val.mean(-1), self.grad_from_end_gradient(factors, left, right, g_end)
 
 
+class SampledCompletion(DenseCompletion):
+    """Completion gradient through sampled products of the halves (CPU, order >= 2).
+
+    The formulation of :class:`DenseCompletion` (end tensor ``T_1 T_2^T``), but
+    only the ``m`` observed entries of ``T_1 T_2^T`` are computed (sampled dot
+    products) and ``dT_1 = G T_2``, ``dT_2 = G^T T_1`` are products of the
+    residual matrix's ``m`` nonzeros with dense matrices
+    (:mod:`~implreg.factorizations.sparse_kernels`): ``6 B m R`` flops per step
+    instead of ``6 B P R``.  Arguments as :class:`DenseCompletion`; ``y`` must be
+    on the CPU.
+    """
+
+    def __init__(self, dims: Sequence[int], idx: Tensor, y: Tensor):
+        self._init_dense(dims)
+        if len(self.dims) < 2:
+            raise ValueError("the sampled completion engine needs order >= 2; use method='dense'")
+        if isinstance(y, Tensor) and y.device.type != "cpu":
+            raise ValueError(
+                f"the sampled completion engine runs on the CPU but y is on {y.device}; "
+                "use method='dense'"
+            )
+        self.m = _check_observations(self.dims, idx, y)
+        self.lin = _linear_index(idx, self.dims)
+        self.y = y
+        self.n_right = math.prod(self.dims[self.k :])
+        self.n_left = self.size // self.n_right
+        order = torch.argsort(self.lin, stable=True)  # observations grouped by row
+        self._inverse = torch.argsort(order)
+        self._y_rows = y[order]
+        rows, cols = self.lin[order] // self.n_right, self.lin[order] % self.n_right
+        self._row_layout = (_pointers(rows, self.n_left), cols.numpy())
+        self._to_cols = torch.argsort(cols, stable=True)  # row order -> column order
+        self._col_layout = (_pointers(cols, self.n_right), rows[self._to_cols].numpy())
+
+    def _sampled(self, factors: Sequence[Tensor]):
+        left, right = self._halves(factors)
+        left, right = left.detach().contiguous(), right.detach().contiguous()
+        pred = sampled_dots(left.numpy(), right.numpy(), *self._row_layout)
+        return left, right, torch.from_numpy(pred)
+
+    def predict(self, factors: Sequence[Tensor]) -> Tensor:
+        self._check_factors(factors)
+        return self._sampled(factors)[2][:, self._inverse]
+
+    def loss_and_grad(self, factors: Sequence[Tensor], loss: PointwiseLoss):
+        self._check_factors(factors)
+        left, right, pred = self._sampled(factors)
+        val, dval = loss.pointwise(pred - self._y_rows)
+        w = (dval / self.m).contiguous()
+        w_cols = w[:, self._to_cols].contiguous()
+        return val.mean(-1), self._half_grads(
+            factors[: self.k], right, self._row_layout, w
+        ) + self._half_grads(factors[self.k :], left, self._col_layout, w_cols)
+
+    @staticmethod
+    def _half_grads(group: Sequence[Tensor], other: Tensor, layout, w: Tensor) -> list[Tensor]:
+        """Gradients of one half's factors from the residuals ``w`` and the other half."""
+        ptr, cols = layout
+        if len(group) == 2:
+            first, second = (f.detach().contiguous() for f in group)
+            d_first, d_second = row_sums_pairs(
+                other.numpy(), ptr, cols, w.numpy(), first.numpy(), second.numpy()
+            )
+            return [torch.from_numpy(d_first), torch.from_numpy(d_second)]
+        rows = math.prod(f.shape[1] for f in group)
+        sums = torch.from_numpy(row_sums(other.numpy(), ptr, cols, w.numpy(), rows))
+        return khatri_rao_backward(group, sums)
+
+
+def _pointers(rows: Tensor, n_rows: int):
+    """CSR row pointers (``n_rows + 1`` int64, numpy) of sorted row indices."""
+    ptr = torch.zeros(n_rows + 1, dtype=torch.int64)
+    ptr[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return ptr.numpy()
+
+
 class GatherCompletion(_Engine):
     """Completion gradient over observed entries only (tensors too large to build).
 
@@ -405,11 +488,18 @@ class RankOneSensing(_Engine):
         return mean, grads
 
 
-def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 << 24) -> str:
-    """``dense`` when three ``P x R`` GEMMs beat gathering ``m`` rows per group, else ``gather``.
+def choose_completion_method(
+    dims: Sequence[int], m: int, *, dense_max: int = 1 << 24, device: str = "cpu"
+) -> str:
+    """The completion engine that is fastest here for ``m`` observations of a ``dims`` tensor.
 
-    The constants come from ``bench/bench_cp_step.py`` on a 2-core CPU: a GEMM
-    flop costs about a tenth of a gathered, multiplied and scattered element.
+    ``gather`` when the tensor is too large to build (``prod(dims) > dense_max``)
+    or when gathering ``m`` rows per mode group beats three ``P x R`` GEMMs;
+    otherwise ``sampled`` on the CPU at densities ``m / P <= 1/4`` (order >= 2),
+    else ``dense``.  The constants come from ``bench/bench_cp_step.py`` on a
+    2-core CPU: a GEMM flop costs about a tenth of a gathered, multiplied and
+    scattered element, and the sampled products beat the GEMMs below density
+    0.35-0.5 at one thread (1.5-2.4x at density 0.2) and below about 0.3 at two.
     """
     dims = _check_dims("dims", dims)
     m = _check_int("m", m, minimum=0)
@@ -418,20 +508,26 @@ def choose_completion_method(dims: Sequence[int], m: int, *, dense_max: int = 1 
     if size > dense_max:
         return "gather"
     n_groups = len(group_modes(dims, 1024))
-    return "dense" if size <= 13 * n_groups * max(m, 1) else "gather"
+    if size > 13 * n_groups * max(m, 1):
+        return "gather"
+    if torch.device(device).type == "cpu" and len(dims) >= 2 and 4 * m <= size:
+        return "sampled"
+    return "dense"
 
 
 def completion_engine(
     dims: Sequence[int], idx: Tensor, y: Tensor, *, method: str = "auto", **kwargs
 ) -> _Engine:
-    """The completion engine for ``method`` in ``{'auto', 'dense', 'gather'}``.
+    """The completion engine for ``method`` in ``{'auto', 'dense', 'sampled', 'gather'}``.
 
     ``idx`` is an integer tensor ``(m, N)`` of index tuples inside ``dims``, ``y`` a
     finite floating tensor ``(m,)``; ``kwargs`` (``table_max``, ``chunk``) reach the
     gather engine and are checked whichever method is used.
     """
-    if method not in ("auto", "dense", "gather"):
-        raise ValueError(f"unknown completion method {method!r}; use 'auto', 'dense' or 'gather'")
+    if method not in COMPLETION_METHODS:
+        raise ValueError(
+            f"unknown completion method {method!r}; use 'auto', 'dense', 'sampled' or 'gather'"
+        )
     unknown = sorted(set(kwargs) - set(GATHER_OPTIONS))
     if unknown:
         raise TypeError(
@@ -443,7 +539,10 @@ def completion_engine(
     dims = _check_dims("dims", dims)
     _check_index_tuples("idx", idx, dims, check_range=False)  # the range: in the engine
     if method == "auto":
-        method = choose_completion_method(dims, idx.shape[0])
+        device = y.device if isinstance(y, Tensor) else "cpu"
+        method = choose_completion_method(dims, idx.shape[0], device=device)
     if method == "dense":
         return DenseCompletion(dims, idx, y)
+    if method == "sampled":
+        return SampledCompletion(dims, idx, y)
     return GatherCompletion(dims, idx, y, **kwargs)
