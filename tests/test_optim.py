@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from implreg.optim import GD, Adam, AdaptiveGD, StopRule, make_optimizer
+from implreg.optim import GD, Adam, AdaptiveGD, StopRule, make_optimizer, squared_norms
 
 SHAPES = [(3, 4), (2, 4), (5,)]
 
@@ -311,3 +311,22 @@ def test_stop_rule_non_finite_loss_diverges_at_once(bad):
     assert st["status"] == ["running", "diverged", "running"]
     assert st["stopped_at"] == [None, 7, None]
     assert rule.update(st, 8, [1.0, bad, 1.0]) == []  # reported once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_norms_is_the_sum_of_squares_per_run(dtype):
+    """The compiled CPU pass against the definition in float64, on contiguous and
+    transposed (non-contiguous) gradients of several shapes, with zeros and one run."""
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 3):
+        grads = [
+            torch.randn(batch, 4, 7, generator=g, dtype=dtype),
+            torch.randn(batch, 5, 3, generator=g, dtype=dtype).transpose(1, 2),
+            torch.zeros(batch, 2, dtype=dtype),
+        ]
+        got = squared_norms(grads)
+        want = sum((x.double() ** 2).reshape(batch, -1).sum(1) for x in grads)
+        assert got.dtype == torch.float64 and got.shape == (batch,)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="at least one"):
+        squared_norms([])

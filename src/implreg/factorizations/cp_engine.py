@@ -286,9 +286,11 @@ class SampledCompletion(DenseCompletion):
         self._inverse = torch.argsort(order)
         self._y_rows = y[order]
         rows, cols = self.lin[order] // self.n_right, self.lin[order] % self.n_right
+        identity = torch.arange(self.m).numpy()
         self._row_layout = (_pointers(rows, self.n_left), cols.numpy())
-        self._to_cols = torch.argsort(cols, stable=True)  # row order -> column order
-        self._col_layout = (_pointers(cols, self.n_right), rows[self._to_cols].numpy())
+        to_cols = torch.argsort(cols, stable=True)  # column-major position -> row-major entry
+        self._col_layout = (_pointers(cols, self.n_right), rows[to_cols].numpy())
+        self._orders = (identity, to_cols.numpy())
 
     def _sampled(self, factors: Sequence[Tensor]):
         left, right = self._halves(factors)
@@ -304,24 +306,24 @@ class SampledCompletion(DenseCompletion):
         self._check_factors(factors)
         left, right, pred = self._sampled(factors)
         val, dval = loss.pointwise(pred - self._y_rows)
-        w = (dval / self.m).contiguous()
-        w_cols = w[:, self._to_cols].contiguous()
+        w = (dval / self.m).contiguous().numpy()
+        left_order, right_order = self._orders
         return val.mean(-1), self._half_grads(
-            factors[: self.k], right, self._row_layout, w
-        ) + self._half_grads(factors[self.k :], left, self._col_layout, w_cols)
+            factors[: self.k], right, (*self._row_layout, w, left_order)
+        ) + self._half_grads(factors[self.k :], left, (*self._col_layout, w, right_order))
 
     @staticmethod
-    def _half_grads(group: Sequence[Tensor], other: Tensor, layout, w: Tensor) -> list[Tensor]:
-        """Gradients of one half's factors from the residuals ``w`` and the other half."""
-        ptr, cols = layout
+    def _half_grads(group: Sequence[Tensor], other: Tensor, entries) -> list[Tensor]:
+        """Gradients of one half's factors from the other half and the residual
+        ``entries`` ``(ptr, cols, w, order)`` laid out by this half's rows."""
         if len(group) == 2:
             first, second = (f.detach().contiguous() for f in group)
             d_first, d_second = row_sums_pairs(
-                other.numpy(), ptr, cols, w.numpy(), first.numpy(), second.numpy()
+                other.numpy(), *entries, first.numpy(), second.numpy()
             )
             return [torch.from_numpy(d_first), torch.from_numpy(d_second)]
         rows = math.prod(f.shape[1] for f in group)
-        sums = torch.from_numpy(row_sums(other.numpy(), ptr, cols, w.numpy(), rows))
+        sums = torch.from_numpy(row_sums(other.numpy(), *entries, rows))
         return khatri_rao_backward(group, sums)
 
 

@@ -55,8 +55,8 @@ def _sampled_dots(left, right, ptr, cols, out):  # pragma: no cover - numba-comp
 
 
 @njit(cache=True, fastmath=True)
-def _accumulate_row(acc, right, b, cols, w, start, end):  # pragma: no cover - numba-compiled
-    """``acc = sum_{k in [start, end)} w[b, k] right[b, cols[k]]`` (four entries per pass)."""
+def _accumulate_row(acc, right, b, cols, w, order, start, end):  # pragma: no cover
+    """``acc = sum_{k in [start, end)} w[b, order[k]] right[b, cols[k]]`` (four entries a pass)."""
     rank = acc.shape[0]
     for r in range(rank):
         acc[r] = 0.0
@@ -64,28 +64,29 @@ def _accumulate_row(acc, right, b, cols, w, start, end):  # pragma: no cover - n
     while k + 4 <= end:
         c0, c1 = right[b, cols[k]], right[b, cols[k + 1]]
         c2, c3 = right[b, cols[k + 2]], right[b, cols[k + 3]]
-        w0, w1, w2, w3 = w[b, k], w[b, k + 1], w[b, k + 2], w[b, k + 3]
+        w0, w1 = w[b, order[k]], w[b, order[k + 1]]
+        w2, w3 = w[b, order[k + 2]], w[b, order[k + 3]]
         for r in range(rank):
             acc[r] += w0 * c0[r] + w1 * c1[r] + w2 * c2[r] + w3 * c3[r]
         k += 4
     while k < end:
         c = right[b, cols[k]]
-        wk = w[b, k]
+        wk = w[b, order[k]]
         for r in range(rank):
             acc[r] += wk * c[r]
         k += 1
 
 
 @njit(cache=True, fastmath=True)
-def _row_sums(right, ptr, cols, w, out):  # pragma: no cover - numba-compiled
+def _row_sums(right, ptr, cols, w, order, out):  # pragma: no cover - numba-compiled
     batch, n_rows, _ = out.shape
     for b in range(batch):
         for i in range(n_rows):
-            _accumulate_row(out[b, i], right, b, cols, w, ptr[i], ptr[i + 1])
+            _accumulate_row(out[b, i], right, b, cols, w, order, ptr[i], ptr[i + 1])
 
 
 @njit(cache=True, fastmath=True)
-def _row_sums_pairs(right, ptr, cols, w, first, second, d_first, d_second):  # pragma: no cover
+def _row_sums_pairs(right, ptr, cols, w, order, first, second, d_first, d_second):
     batch, d1, rank = first.shape
     d2 = second.shape[1]
     acc = np.empty(rank, dtype=right.dtype)
@@ -95,7 +96,7 @@ def _row_sums_pairs(right, ptr, cols, w, first, second, d_first, d_second):  # p
         for i in range(d1 * d2):
             if ptr[i] == ptr[i + 1]:
                 continue
-            _accumulate_row(acc, right, b, cols, w, ptr[i], ptr[i + 1])
+            _accumulate_row(acc, right, b, cols, w, order, ptr[i], ptr[i + 1])
             i1, i2 = i // d2, i % d2
             f, g = first[b, i1], second[b, i2]
             df, dg = d_first[b, i1], d_second[b, i2]
@@ -116,26 +117,27 @@ def sampled_dots(left: np.ndarray, right: np.ndarray, ptr: np.ndarray, cols: np.
     return out
 
 
-def row_sums(right: np.ndarray, ptr: np.ndarray, cols: np.ndarray, w: np.ndarray, n_rows: int):
-    """``(B, n_rows, R)``: row ``i`` is ``sum_k w[b, k] right[b, cols[k]]`` over its entries ``k``.
+def row_sums(right, ptr, cols, w, order, n_rows: int):
+    """``(B, n_rows, R)``: row ``i`` is ``sum_k w[b, order[k]] right[b, cols[k]]`` over its entries.
 
-    ``w`` is ``(B, nnz)`` in the CSR order of ``ptr`` / ``cols``; rows without
-    entries are zero.
+    ``ptr`` / ``cols`` are a CSR layout of the entries and ``order`` (int64,
+    ``nnz``) maps each CSR position to its column of ``w`` (``(B, nnz)``), so one
+    ``w`` serves a layout and its transpose; rows without entries are zero.
     """
     batch, _, rank = right.shape
     out = np.empty((batch, n_rows, rank), dtype=right.dtype)
-    _row_sums(right, ptr, cols, w, out)
+    _row_sums(right, ptr, cols, w, order, out)
     return out
 
 
-def row_sums_pairs(right, ptr, cols, w, first: np.ndarray, second: np.ndarray):
+def row_sums_pairs(right, ptr, cols, w, order, first: np.ndarray, second: np.ndarray):
     """Gradients of ``first`` and ``second`` when the rows are their Khatri-Rao product.
 
-    With ``S = row_sums(right, ptr, cols, w, d1 * d2)`` and rows ``(i1, i2)``
+    With ``S = row_sums(right, ptr, cols, w, order, d1 * d2)`` and rows ``(i1, i2)``
     (row-major) of ``khatri_rao([first, second])``, returns
     ``(sum_i2 S[(i1, i2)] * second[i2], sum_i1 S[(i1, i2)] * first[i1])`` without
     forming ``S``: each row's sum is used while it is in cache.
     """
     d_first, d_second = np.empty_like(first), np.empty_like(second)
-    _row_sums_pairs(right, ptr, cols, w, first, second, d_first, d_second)
+    _row_sums_pairs(right, ptr, cols, w, order, first, second, d_first, d_second)
     return d_first, d_second
