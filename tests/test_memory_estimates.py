@@ -180,6 +180,19 @@ CALIBRATION = [
             "log_every": 1000,
         },
     ),
+    # the same problem on the sampled engine (what auto picks there): no tensor of
+    # prod(dims) entries in the step, the dense reconstruction error still builds one
+    (
+        "tf-dynamics",
+        {
+            "dims": "40,40,40,40",
+            "rank": 300,
+            "num_observations": 20000,
+            "method": "sampled",
+            "max_iterations": 2,
+            "log_every": 1000,
+        },
+    ),
     # deep matrix factorization of a 15000 x 200 matrix (3e6 entries), as the fits of
     # mf-depth-vs-nuclear
     (

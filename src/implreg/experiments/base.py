@@ -27,135 +27,15 @@ import abc
 import csv
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from implreg.backends import InterruptFlag
+from implreg.experiments.claims import BUDGETS, COMPARES, Claim, find_entry, summary_path
 from implreg.resources import Estimate
-from implreg.runs import SUMMARY, DamagedRunError, atomic_path, write_json
-
-COMPARES = ("at_most", "at_least", "within_abs", "within_rel", "equals")
-BUDGETS = ("reduced", "full", "both")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One published statement a preset reproduces, with how to measure it and when it holds.
-
-    ``measure`` turns a finished run's ``summary.json`` (a dict) into one number:
-    a callable, or a key path like ``"runs.0.n_learned"`` (dots; integers index
-    lists).  It is only called in the driver (:mod:`implreg.report`), never
-    pickled.  The verdict compares the measured value ``m`` with ``published``
-    (``p``):
-
-    - ``at_most``: ``m <= p + tolerance``; ``at_least``: ``m >= p - tolerance``;
-      for a qualitative claim (``published`` None) ``tolerance`` is the bound
-      itself (``m <= tolerance``, ``m >= tolerance``);
-    - ``within_abs`` / ``equals``: ``|m - p| <= tolerance``;
-    - ``within_rel``: ``|m - p| <= tolerance * |p|``.
-
-    ``budget`` says at which report budgets the claim is meaningful
-    (``"reduced"``, ``"full"`` or ``"both"``); elsewhere its row reads "not run
-    at this budget".  Published values come from the papers (see
-    ``REFERENCE.md``): Razin, Yadin & Cohen (ICML 2021), Razin, Maman & Cohen
-    (ICML 2022), Arora, Cohen, Hu & Luo (NeurIPS 2019), Razin & Cohen (NeurIPS 2020).
-    """
-
-    name: str
-    statement: str
-    source: str
-    published: float | None
-    measure: Callable[[Mapping[str, Any]], float] | str
-    compare: Literal["at_most", "at_least", "within_abs", "within_rel", "equals"]
-    tolerance: float
-    budget: Literal["reduced", "full", "both"] = "both"
-
-    def __post_init__(self) -> None:
-        if self.compare not in COMPARES:
-            raise ValueError(f"claim {self.name}: compare must be one of {COMPARES}")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"claim {self.name}: budget must be one of {BUDGETS}")
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"claim {self.name}: tolerance must be finite and >= 0")
-        if self.compare == "within_rel" and not self.published:
-            raise ValueError(f"claim {self.name}: within_rel needs a nonzero published value")
-
-    def runs_at(self, budget: str) -> bool:
-        """Whether the claim is meaningful at a report budget (``tiny`` counts as reduced)."""
-        budget = "reduced" if budget == "tiny" else budget
-        return self.budget == "both" or self.budget == budget
-
-    def value(self, summary: Mapping[str, Any]) -> float:
-        """The measured value from a run's summary (a number; NaN when it is missing)."""
-        if callable(self.measure):
-            out = self.measure(summary)
-        else:
-            out = summary_path(summary, self.measure)
-        if out is None or isinstance(out, bool):
-            return float("nan") if out is None else float(out)
-        return float(out)
-
-    def holds(self, measured: float) -> bool:
-        """The verdict for a measured value (a non-finite one never holds)."""
-        if not math.isfinite(measured):
-            return False
-        p = 0.0 if self.published is None else float(self.published)
-        if self.compare == "at_most":
-            return measured <= self.bound()
-        if self.compare == "at_least":
-            return measured >= self.bound()
-        if self.compare == "within_rel":
-            return abs(measured - p) <= self.tolerance * abs(p)
-        return abs(measured - p) <= self.tolerance
-
-    def bound(self) -> float:
-        """The bound of an ``at_most`` / ``at_least`` claim (see the class docstring)."""
-        if self.published is None:
-            return self.tolerance
-        sign = 1.0 if self.compare == "at_most" else -1.0
-        return float(self.published) + sign * self.tolerance
-
-    def criterion(self) -> str:
-        """The pass condition in words, e.g. ``"<= 0.01"`` or ``"within 2% of 70.71"``."""
-        p = 0.0 if self.published is None else float(self.published)
-        t = self.tolerance
-        if self.compare == "at_most":
-            return f"<= {self.bound():.4g}"
-        if self.compare == "at_least":
-            return f">= {self.bound():.4g}"
-        if self.compare == "within_rel":
-            return f"within {100 * t:.3g}% of {p:.4g}"
-        if self.compare == "equals" and t == 0:
-            return f"= {p:.4g}"
-        return f"within {t:.3g} of {p:.4g}"
-
-
-def summary_path(summary: Mapping[str, Any], path: str) -> Any:
-    """``summary["runs"][0]["n_learned"]`` from ``"runs.0.n_learned"`` (None when absent)."""
-    node: Any = summary
-    for part in path.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif (
-            isinstance(node, list)
-            and part.lstrip("-").isdigit()
-            and -len(node) <= int(part) < len(node)
-        ):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
-def find_entry(entries: Sequence[Mapping[str, Any]], **match: Any) -> Mapping[str, Any]:
-    """The first entry of a summary list whose keys equal ``match`` (KeyError if none)."""
-    for e in entries:
-        if all(e.get(k) == v for k, v in match.items()):
-            return e
-    raise KeyError(f"no run with {match}")
+from implreg.runs import atomic_path
 
 
 @dataclass(frozen=True)
@@ -314,105 +194,32 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
                 w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
 
 
-class GridExperiment(Experiment):
-    """An experiment made of independent units run by the sweep engine (:mod:`implreg.sweep`).
+if TYPE_CHECKING:
+    from implreg.experiments.grid import GridExperiment
 
-    Subclasses give ``units(cfg)`` (typed unit specs, each with ``name`` and
-    ``execute(should_stop)``), ``summarize(cfg, results)`` (results in unit
-    order), optionally ``rows`` (the rows of the run's table), ``summary_text``
-    and ``plot``.  ``bulky`` names a result key kept in the unit files but not
-    copied into the summary (trajectories).
-    """
+__all__ = [
+    "BUDGETS",
+    "COMPARES",
+    "FAILED",
+    "GREW",
+    "Claim",
+    "Experiment",
+    "GridExperiment",
+    "Outcome",
+    "Preset",
+    "RunContext",
+    "assess",
+    "find_entry",
+    "summary_path",
+    "write_table",
+]
 
-    bulky: ClassVar[str | None] = None
 
-    @abc.abstractmethod
-    def units(self, cfg: Any, device: str = "cpu") -> list: ...
+def __getattr__(name: str) -> Any:
+    """``GridExperiment`` lives in :mod:`implreg.experiments.grid` (which imports this
+    module); it is imported on first use here, so either module can be imported first."""
+    if name == "GridExperiment":
+        from implreg.experiments.grid import GridExperiment
 
-    @abc.abstractmethod
-    def summarize(self, cfg: Any, results: list[dict]) -> dict: ...
-
-    def rows(self, results: list[dict], summary: dict) -> list[dict]:
-        """The rows of the run's table (``metrics.csv``): by default one per unit."""
-        return [self.strip(r) for r in results]
-
-    def describe(self, unit: Any, result: dict) -> str:
-        """Shown beside the progress bar when a unit finishes."""
-        return unit.name
-
-    def workers(self, cfg: Any) -> int:
-        return int(getattr(cfg, "workers", 1))
-
-    def threads(self, grid: Sequence[Any], ctx: RunContext) -> int | None:
-        """Torch threads per unit: ``--threads``, else the thread policy where the units'
-        work is known (:mod:`implreg.threads`), else None (the backend's default)."""
-        from implreg.threads import choose_threads, config_step_flops
-
-        if ctx.threads is not None:
-            return ctx.threads
-        work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
-        return choose_threads(max(work)) if work else None
-
-    def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
-        """(config, units, finished results by unit name) of a run folder, for plots."""
-        from implreg.runs import CONFIG, read_json
-        from implreg.sweep import load_results, unit_path
-
-        cfg = self.config_of(run_dir)
-        grid = self.units(cfg, read_json(Path(run_dir) / CONFIG).get("device", "cpu"))
-        results = load_results(run_dir, grid)
-        missing = [u.name for u in grid if u.name not in results]
-        if missing:
-            raise DamagedRunError(
-                f"{unit_path(run_dir, missing[0])} is missing: the figure needs every unit "
-                "(resume the run to redo it)"
-            )
-        return cfg, grid, results
-
-    def strip(self, result: dict) -> dict:
-        return {k: v for k, v in result.items() if k != self.bulky}
-
-    def bind(self, grid: list, run_dir: Path) -> list:
-        """The units as run in ``run_dir``: a hook for units that keep their own checkpoints
-        there (in fields the unit class names ``transient``).  Default: unchanged."""
-        return grid
-
-    def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
-        from implreg.sweep import load_results, run_grid
-
-        grid = self.bind(self.units(cfg, ctx.device), ctx.run_dir)
-        done = load_results(ctx.run_dir, grid)
-        bar = ctx.bar(len(grid), len(done), unit="unit")
-
-        def on_done(unit, result) -> None:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(self.describe(unit, result))
-
-        start = time.perf_counter()
-        threads = self.threads(grid, ctx)
-        try:
-            results, interrupted = run_grid(
-                grid,
-                ctx.run_dir,
-                workers=self.workers(cfg),
-                backend=ctx.backend,
-                interrupt=ctx.interrupt,
-                on_done=on_done,
-                threads=threads,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-        if interrupted:
-            return Outcome(None, 130, True, f"{len(results)} of {len(grid)} units finished")
-        ordered = [results[u.name] for u in grid]
-        summary = self.summarize(cfg, ordered)
-        summary["wall_seconds_this_session"] = time.perf_counter() - start
-        summary["threads_per_unit"] = threads
-        names = {id(r): u.name for u, r in zip(grid, ordered)}
-        summary["problems"] = assess(ordered, lambda r: names.get(id(r), "a unit"))
-        write_json(ctx.run_dir / SUMMARY, summary)
-        write_table(ctx.run_dir / self.table, self.rows(ordered, summary))
-        self.plot(ctx.run_dir)
-        return Outcome(summary, 1 if summary["problems"] else 0)
+        return GridExperiment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

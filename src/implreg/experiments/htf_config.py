@@ -1,6 +1,6 @@
 """The configuration of the HTF dynamics experiment (:mod:`implreg.experiments.htf_dynamics`):
-the published setting of Razin, Maman & Cohen (ICML 2022), its checks, and the step's work
-for the thread policy."""
+the published setting of Razin, Maman & Cohen (ICML 2022), its checks, the step's work
+for the thread policy, and the problem it builds."""
 
 from __future__ import annotations
 
@@ -8,13 +8,33 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from implreg.config import ConfigError, param, require
-from implreg.factorizations.htf import ModeTree
-from implreg.factorizations.htf_engine import DENSE_MAX, htf_step_flops
+from implreg.factorizations.htf import (
+    ModeTree,
+    htf_init,
+    htf_local_norms,
+    htf_to_tensor,
+    htf_unbalancedness,
+    htf_values,
+)
+from implreg.factorizations.htf_engine import (
+    DENSE_MAX,
+    RankOneHTFSensing,
+    htf_completion_engine,
+    htf_step_flops,
+)
 from implreg.flow import FlowOptions
-from implreg.htf_analysis import parse_splits
+from implreg.htf_analysis import parse_splits, split_spectra, splits_of
+from implreg.losses import make_loss
+from implreg.problems.hierarchical import (
+    htf_completion_problem,
+    htf_sensing_problem,
+    low_ht_rank_tensor,
+)
+from implreg.problems.synthetic import sample_indices
 
 
 @dataclass(frozen=True)
@@ -144,3 +164,93 @@ class HTFDynamicsConfig(FlowOptions):
         if sensing and method == "dense":
             flops += 2.0 * m * math.prod(self.dims)
         return 2.0 * flops * len(self.init_stds)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Prepared:
+    engine: Any
+    loss: Any
+    params: list[torch.Tensor]
+    evaluate: Any
+    tree: ModeTree
+
+
+def build_problem(cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
+    """Ground truth, observations, engine, loss and initial parameters (drawn on the CPU in
+    float64, then moved)."""
+    dtype, dev = DTYPES[cfg.dtype], torch.device(device)
+    tree, widths = cfg.mode_tree(), cfg.width_arg(cfg.widths)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    truth = low_ht_rank_tensor(
+        cfg.dims, tree, cfg.width_arg(cfg.gt_widths), norm=cfg.gt_norm, generator=gen
+    )
+    if cfg.task == "completion":
+        prob = htf_completion_problem(truth, cfg.num_observations, cfg.num_test, generator=gen)
+        engine = htf_completion_engine(
+            tree,
+            cfg.dims,
+            prob.idx.to(dev),
+            prob.y.to(dev, dtype),
+            widths=widths,
+            method=cfg.method,
+        )
+        test_idx, test_y = prob.test_idx, prob.test_y
+    else:
+        sens = htf_sensing_problem(truth, cfg.num_observations, generator=gen)
+        engine = RankOneHTFSensing(
+            tree,
+            cfg.dims,
+            [v.to(dev, dtype) for v in sens.vectors],
+            sens.y.to(dev, dtype),
+            widths=widths,
+            method=cfg.method,
+        )
+        test_idx = sample_indices(cfg.dims, cfg.num_test, generator=gen)
+        test_y = truth.values(test_idx)
+    loss = make_loss(cfg.loss, huber_delta=cfg.huber_delta if cfg.loss == "huber" else None)
+    params = htf_init(
+        cfg.dims,
+        tree,
+        widths,
+        stds=cfg.init_stds,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
+        dtype=dtype,
+    )
+    params = [p.to(dev) for p in params]
+    splits = splits_of(tree, parse_splits(cfg.splits, len(cfg.dims)))
+    test_idx, test_y = test_idx.to(dev), test_y.to(dev)
+    dense = math.prod(cfg.dims) <= cfg.dense_max
+    if dense:
+        truth_flat = truth.dense().reshape(-1).to(dev)
+        test_lin = torch.as_tensor(np.ravel_multi_index(test_idx.T.cpu().numpy(), cfg.dims))
+        test_lin = test_lin.to(dev)
+    else:
+        egen = torch.Generator().manual_seed(cfg.seed + 2)
+        eidx = sample_indices(cfg.dims, min(cfg.recon_sample, math.prod(cfg.dims)), generator=egen)
+        evals, eidx = truth.values(eidx).to(dev), eidx.to(dev)
+
+    def errors(values: torch.Tensor, truth_values: torch.Tensor) -> np.ndarray:
+        err = [torch.linalg.vector_norm(v.double() - truth_values) for v in values]
+        return (torch.stack(err) / truth_values.norm()).cpu().numpy()
+
+    def evaluate(f) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if dense:
+            end = htf_to_tensor(f, tree)
+            flat = end.reshape(end.shape[0], -1)
+            out["reconstruction_error"] = errors(flat[:, test_lin], test_y)
+            out["full_reconstruction_error"] = errors(flat, truth_flat)
+            out.update(split_spectra(end, splits, cfg.top_svals))
+        else:
+            out["reconstruction_error"] = errors(htf_values(f, tree, test_idx), test_y)
+            out["full_reconstruction_error"] = errors(htf_values(f, tree, eidx), evals)
+        out["unbalancedness"] = htf_unbalancedness(f, tree).double().cpu().numpy()
+        for v, norms in zip(tree.internal, htf_local_norms(f, tree)):
+            key = "root_local_norms" if v == tree.root else f"local {tree.node_text(v)}"
+            out[key] = norms.float().cpu().numpy()
+        return out
+
+    return Prepared(engine, loss, params, evaluate, tree)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from implreg.config import param
+from implreg.config import param, require
 from implreg.experiments import mf_fit
 from implreg.experiments.base import Claim, GridExperiment, Preset, find_entry
 from implreg.experiments.mf_fit import FitUnit, NuclearUnit, fit_memory, nuclear_memory
@@ -63,8 +63,6 @@ class DepthNuclearConfig:
     seed: int = param(0, ge=0)
 
     def check(self) -> None:
-        from implreg.config import require
-
         size = self.shape[0] * self.shape[1]
         for m in (*self.observations, *self.sweep_observations):
             require(
@@ -233,7 +231,6 @@ class DepthVsNuclear(GridExperiment):
     def plot(self, run_dir: Path) -> list[Path]:
         """Per observation count: error, nuclear norm, effective rank vs init scale; error vs m."""
         plt = pyplot()
-
         run_dir = Path(run_dir)
         with reading(run_dir / SUMMARY, "summary"):
             s = read_json(run_dir / SUMMARY)
