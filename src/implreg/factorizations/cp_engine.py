@@ -19,7 +19,8 @@ Formulations
     The dense layout on the CPU, but only the ``m`` observed entries of
     ``T_1 T_2^T`` are computed and ``G`` is used through its ``m`` nonzeros
     (:mod:`~implreg.factorizations.sparse_kernels`): ``6 m R`` flops instead of
-    ``6 P R``; chosen by ``auto`` at densities ``m / P <= 1/4``.
+    ``6 P R``, and no tensor of ``P`` entries; chosen by ``auto`` at densities
+    ``m / P <= 1/4`` when the halves have at most ``4 m`` rows together.
 ``gather``
     For tensors too large to build.  Consecutive modes are grouped so that each
     group's Khatri-Rao table ``T_g`` (``prod_{n in g} d_n x R``) stays small;
@@ -495,26 +496,28 @@ def choose_completion_method(
 ) -> str:
     """The completion engine that is fastest here for ``m`` observations of a ``dims`` tensor.
 
-    ``gather`` when the tensor is too large to build (``prod(dims) > dense_max``)
-    or when gathering ``m`` rows per mode group beats three ``P x R`` GEMMs;
-    otherwise ``sampled`` on the CPU at densities ``m / P <= 1/4`` (order >= 2),
-    else ``dense``.  The constants come from ``bench/bench_cp_step.py`` on a
-    2-core CPU: a GEMM flop costs about a tenth of a gathered, multiplied and
-    scattered element, and the sampled products beat the GEMMs below density
-    0.35-0.5 at one thread (1.5-2.4x at density 0.2) and below about 0.3 at two.
+    ``sampled`` on the CPU (order >= 2) when the observations are sparse
+    (``m / P <= 1/4``) and the two Khatri-Rao halves are small beside them
+    (``P_1 + P_2 <= 4 m``); otherwise ``gather`` when the tensor is too large to
+    build (``P > dense_max``) or when gathering ``m`` rows per mode group beats
+    three ``P x R`` GEMMs; else ``dense``.  The constants come from
+    ``bench/bench_cp_step.py`` and the side-by-side timings quoted in the README
+    (2-core CPU, one thread): the sampled step is 1.5-2.4x the dense one at
+    density 0.2 and 38x the gather one on the 16^4, R = 256, m = 2048 problem,
+    while gathering wins when the halves dwarf ``m`` (10^7 entries, m = 50).
     """
     dims = _check_dims("dims", dims)
     m = _check_int("m", m, minimum=0)
     dense_max = _check_int("dense_max", dense_max, minimum=1)
     size = math.prod(dims)
+    if torch.device(device).type == "cpu" and len(dims) >= 2 and 4 * m <= size:
+        p1 = math.prod(dims[: balanced_split(dims)])
+        if p1 + size // p1 <= 4 * m:
+            return "sampled"
     if size > dense_max:
         return "gather"
     n_groups = len(group_modes(dims, 1024))
-    if size > 13 * n_groups * max(m, 1):
-        return "gather"
-    if torch.device(device).type == "cpu" and len(dims) >= 2 and 4 * m <= size:
-        return "sampled"
-    return "dense"
+    return "dense" if size <= 13 * n_groups * max(m, 1) else "gather"
 
 
 def completion_engine(
