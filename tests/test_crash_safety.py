@@ -54,9 +54,10 @@ class DieAfter:
         return False
 
 
-def _run(out, **kw):
+def _run(out, method="auto", **kw):
     cfg = get_preset("tf-dynamics").config
-    return run_preset(cfg, out=out, overrides=TINY, log=lambda *_: None, **kw)
+    over = {**TINY, "method": method}
+    return run_preset(cfg, out=out, overrides=over, log=lambda *_: None, **kw)
 
 
 def _same_folder_results(a, b) -> None:
@@ -83,13 +84,16 @@ def test_checkpointer_is_due_by_count_and_by_time():
         Checkpointer(saved.append, every=-1)
 
 
+@pytest.mark.parametrize("method", ["auto", "sampled"])  # auto: the dense step at this size
 @pytest.mark.parametrize("die_at", [57, 230, 399])
-def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_bit_identically(tmp_path, die_at):
-    whole = _run(tmp_path / "whole")
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_bit_identically(
+    tmp_path, die_at, method
+):
+    whole = _run(tmp_path / "whole", method)
     assert whole.exit_code == 0
     out = tmp_path / "killed"
     with pytest.raises(Killed):
-        _run(out, interrupt=DieAfter(die_at), checkpoint_every=50, checkpoint_seconds=0.0)
+        _run(out, method, interrupt=DieAfter(die_at), checkpoint_every=50, checkpoint_seconds=0.0)
     assert (out / CHECKPOINT).is_file(), "the folder keeps its last checkpoint"
     assert not (out / SUMMARY).exists()
     saved = load_checkpoint(out)["iteration"]
