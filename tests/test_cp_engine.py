@@ -245,6 +245,10 @@ def test_completion_engine_dispatch():
     assert choose_completion_method([16] * 4, 2048) == "sampled"
     # 10^8 entries, too many to build, but halves of 10^4 rows beside 10^5 observations
     assert choose_completion_method([10] * 8, 100_000) == "sampled"
+    # ... but not past its unchunked memory: halves of 2e5 rows, or over 2^22 observations
+    assert choose_completion_method([10] * 10, 100_000, dense_max=10**12) == "gather"
+    assert choose_completion_method([8192, 8192], 2**22) == "sampled"
+    assert choose_completion_method([8192, 8192], 2**22 + 1) == "gather"
     assert isinstance(completion_engine(dims4, idx, y, method="sampled"), SampledCompletion)
     # 10^7 entries, 50 observations: gathering is cheaper
     big = _random_idx([10] * 7, 50, 1)

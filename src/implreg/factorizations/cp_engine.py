@@ -58,6 +58,8 @@ Tensor = torch.Tensor
 
 GATHER_OPTIONS = ("table_max", "chunk")
 COMPLETION_METHODS = ("auto", "dense", "sampled", "gather")
+SAMPLED_MAX_ROWS = 1 << 16  # rows of the two Khatri-Rao halves together (auto's limit)
+SAMPLED_MAX_OBSERVATIONS = 1 << 22  # observations (auto's limit)
 
 
 def _linear_index(idx: Tensor, dims: Sequence[int]) -> Tensor:
@@ -498,7 +500,9 @@ def choose_completion_method(
 
     ``sampled`` on the CPU (order >= 2) when the observations are sparse
     (``m / P <= 1/4``) and the two Khatri-Rao halves are small beside them
-    (``P_1 + P_2 <= 4 m``); otherwise ``gather`` when the tensor is too large to
+    (``P_1 + P_2 <= 4 m``), up to halves of :data:`SAMPLED_MAX_ROWS` rows and
+    :data:`SAMPLED_MAX_OBSERVATIONS` observations (its memory is not chunked:
+    the halves and ``m`` residuals stay whole); otherwise ``gather`` when the tensor is too large to
     build (``P > dense_max``) or when gathering ``m`` rows per mode group beats
     three ``P x R`` GEMMs; else ``dense``.  The constants come from
     ``bench/bench_cp_step.py`` and the side-by-side timings quoted in the README
@@ -512,7 +516,7 @@ def choose_completion_method(
     size = math.prod(dims)
     if torch.device(device).type == "cpu" and len(dims) >= 2 and 4 * m <= size:
         p1 = math.prod(dims[: balanced_split(dims)])
-        if p1 + size // p1 <= 4 * m:
+        if p1 + size // p1 <= min(4 * m, SAMPLED_MAX_ROWS) and m <= SAMPLED_MAX_OBSERVATIONS:
             return "sampled"
     if size > dense_max:
         return "gather"
