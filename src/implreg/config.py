@@ -219,10 +219,17 @@ def check(cfg: Any) -> None:
 
 
 def describe(cfg: Any) -> list[dict[str, str]]:
-    """One row per key: name, type, value, allowed values, bounds, doc (for ``implreg show``)."""
+    """One row per key: name, type, value, allowed values, bounds, doc (for ``implreg show``).
+
+    The keys a config class declares itself come first, then those of the option
+    classes it inherits (``GDOptions``, ``FlowOptions``), each group in declaration order.
+    """
     hints = field_types(type(cfg))
+    own = type(cfg).__dict__.get("__annotations__", {})
+    by_name = {f.name: f for f in dataclasses.fields(cfg)}
+    ordered = [by_name[k] for k in own if k in by_name]
     rows = []
-    for f in dataclasses.fields(cfg):
+    for f in ordered + [f for k, f in by_name.items() if k not in own]:
         allowed = choices(hints[f.name])
         value = getattr(cfg, f.name)
         rows.append(

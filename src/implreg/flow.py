@@ -104,6 +104,28 @@ class FlowOptions:
             )
 
 
+@dataclass(frozen=True)
+class GDOptions:
+    """Config keys of the batched gradient-descent runs, shared by the CP and HTF dynamics
+    configs: the optimizer, its step, the papers' stop rule and the record interval.
+
+    A config redeclares a key to change its default (the HTF stop rule: ``tol`` 5e-5,
+    ``patience`` 101).
+    """
+
+    optimizer: Literal["adaptive", "gd", "adam", "flow"] = param(
+        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
+    )
+    lr: float = param(0.01, gt=0)
+    eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
+    tol: float = param(1e-8, ge=0, doc="stop once the train loss stays below tol ...")
+    patience: int = param(51, ge=1, doc="... for this many checks ...")
+    check_every: int = param(25, ge=1, doc="... made every this many iterations")
+    max_iterations: int = param(100_000, ge=1)
+    log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
+    max_records: int = param(4000, ge=4)
+
+
 class FlowRecorder(Recorder):
     """Records at real-valued x (``t / lr``); the flow's grid bounds their number."""
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from implreg.config import ConfigError, param, require
-from implreg.flow import FlowOptions
+from implreg.flow import FlowOptions, GDOptions
 from implreg.resources import Estimate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -19,7 +19,7 @@ DENSE_SENSING_MAX = 250_000_000  # numbers in the m x P measurement matrix
 
 
 @dataclass(frozen=True)
-class CPDynamicsConfig(FlowOptions):
+class CPDynamicsConfig(FlowOptions, GDOptions):
     """Settings of the CP dynamics experiment; defaults are the paper's Figure 3.
 
     Runs stop at the paper's rule (train loss below ``tol`` for ``patience``
@@ -40,17 +40,6 @@ class CPDynamicsConfig(FlowOptions):
     init_mean: float = 0.0
     loss: Literal["l2", "huber"] = "l2"
     huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
-    optimizer: Literal["adaptive", "gd", "adam", "flow"] = param(
-        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
-    )
-    lr: float = param(0.01, gt=0)
-    eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
-    tol: float = param(1e-8, ge=0, doc="stop once the train loss stays below tol ...")
-    patience: int = param(51, ge=1, doc="... for this many checks ...")
-    check_every: int = param(25, ge=1, doc="... made every this many iterations")
-    max_iterations: int = param(100_000, ge=1)
-    log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
-    max_records: int = param(4000, ge=4)
     top_k: int = param(10, ge=1, doc="trajectories drawn per run")
     learned_fraction: float = param(0.1, gt=0, lt=1, doc="a component left zero above this")
     method: Literal["auto", "dense", "sampled", "gather"] = param(

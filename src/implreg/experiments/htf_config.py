@@ -26,7 +26,7 @@ from implreg.factorizations.htf_engine import (
     htf_completion_engine,
     htf_step_flops,
 )
-from implreg.flow import FlowOptions
+from implreg.flow import FlowOptions, GDOptions
 from implreg.htf_analysis import parse_splits, split_spectra, splits_of
 from implreg.losses import make_loss
 from implreg.problems.hierarchical import (
@@ -38,7 +38,7 @@ from implreg.problems.synthetic import sample_indices
 
 
 @dataclass(frozen=True)
-class HTFDynamicsConfig(FlowOptions):
+class HTFDynamicsConfig(FlowOptions, GDOptions):
     """Settings of the HTF dynamics experiment; defaults are the published setting
     (Razin, Maman & Cohen 2022), with a 100k iteration cap (the authors': 500k)."""
 
@@ -55,17 +55,8 @@ class HTFDynamicsConfig(FlowOptions):
     init_stds: tuple[float, ...] = param((0.01,), gt=0, doc="one run per init std")
     loss: Literal["l2", "huber", "l1"] = "l2"
     huber_delta: float = param(0.0, ge=0, doc="Huber threshold (loss=huber)")
-    optimizer: Literal["adaptive", "gd", "adam", "flow"] = param(
-        "adaptive", doc="flow: gradient flow (an adaptive ODE solver, float64)"
-    )
-    lr: float = param(0.01, gt=0)
-    eps: float = param(1e-6, gt=0, doc="adaptive step: lr / (sqrt(v) + eps)")
     tol: float = param(5e-5, ge=0, doc="stop once the train loss stays below tol ...")
     patience: int = param(101, ge=1, doc="... for this many checks ...")
-    check_every: int = param(25, ge=1, doc="... made every this many iterations")
-    max_iterations: int = param(100_000, ge=1)
-    log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
-    max_records: int = param(4000, ge=4)
     top_k: int = param(10, ge=1, doc="trajectories drawn per node")
     top_svals: int = param(10, ge=1, doc="singular values recorded per matricization")
     learned_fraction: float = param(0.1, gt=0, lt=1, doc="a component left zero above this")
