@@ -125,6 +125,17 @@ class GDOptions:
     log_every: int = param(25, ge=1, doc="record interval (doubles past max_records)")
     max_records: int = param(4000, ge=4)
 
+    def check_range(self, keys: Sequence[str]) -> None:
+        """The numbers named by ``keys``, and ``init_stds``, fit the config's ``dtype``
+        squared (the losses square them), with a factor 10 to spare."""
+        dtype = self.dtype  # type: ignore[attr-defined]  (declared by the config)
+        big = math.sqrt(torch.finfo(getattr(torch, dtype)).max) / 10
+        for key in keys:
+            value = abs(getattr(self, key))
+            require(value <= big, f"{key}={value:g} is too large for {dtype} (at most {big:.3g})")
+        top = max(self.init_stds)  # type: ignore[attr-defined]
+        require(top <= big, f"init_stds={top:g} is too large for {dtype} (at most {big:.3g})")
+
 
 class FlowRecorder(Recorder):
     """Records at real-valued x (``t / lr``); the flow's grid bounds their number."""

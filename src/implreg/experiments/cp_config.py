@@ -53,16 +53,7 @@ class CPDynamicsConfig(FlowOptions, GDOptions):
     def check(self) -> None:
         self.check_flow()
         # every number must fit the dtype it is computed in, squared (losses square it)
-        big = math.sqrt(torch.finfo(DTYPES[self.dtype]).max) / 10
-        for key in ("gt_norm", "huber_delta", "lr", "init_mean", "tol"):
-            value = abs(getattr(self, key))
-            require(
-                value <= big, f"{key}={value:g} is too large for {self.dtype} (at most {big:.3g})"
-            )
-        require(
-            max(self.init_stds) <= big,
-            f"init_stds={max(self.init_stds):g} is too large for {self.dtype} (at most {big:.3g})",
-        )
+        self.check_range(("gt_norm", "huber_delta", "lr", "init_mean", "tol"))
         size = math.prod(self.dims)
         if self.task == "completion":
             require(

@@ -162,8 +162,12 @@ class LocalityExperiment(GridExperiment):
     def training(self, cfg: LocalityConfig, device: str) -> dict:
         """The unit fields every task shares, resolved against the scale."""
         keys = ("model", "width", "depth", "stem", "epochs", "batch_size", "lr", "momentum")
-        keys += ("patience",)
-        return {k: cfg.value(k) for k in keys} | {"eps": cfg.eps, "device": device}
+        keys += ("patience", "n_train", "n_test")
+        return {k: cfg.value(k) for k in keys} | {
+            "eps": cfg.eps,
+            "data_seed": cfg.data_seed,
+            "device": device,
+        }
 
     def units(self, cfg: LocalityConfig, device: str = "cpu") -> list:
         return [
@@ -248,6 +252,18 @@ class LocalityExperiment(GridExperiment):
             )
         return "\n".join(lines)
 
+    def plot(self, run_dir: Path) -> list[Path]:
+        return [self.plot_accuracy(run_dir), self.plot_examples(run_dir)]
+
+    @abc.abstractmethod
+    def plot_examples(self, run_dir: Path) -> Path:
+        """A figure of training examples with their labels."""
+
+    def example_unit(self, run_dir: Path) -> Any:
+        """The unit of the longest distance at lambda 0 (the examples' data)."""
+        cfg = self.config_of(run_dir)
+        return self.make_unit(cfg, max(cfg.value("distances")), 0.0, cfg.seed, "cpu")
+
     def plot_accuracy(self, run_dir: Path) -> Path:
         """Test accuracy against distance, one line per lambda (mean, std bars), as published."""
         from implreg.runs import SUMMARY, read_json
@@ -276,24 +292,3 @@ class LocalityExperiment(GridExperiment):
 
     def data_bytes(self, cfg: Any) -> float:
         return 0.0
-
-
-# Measures of the claims that the locality presets declare (checked by ``implreg report``).
-
-
-def gain_points(where: str):
-    """The measure: test-accuracy gain (points) of the largest lambda over lambda 0 at the
-    ``"longest"`` or ``"shortest"`` distance (the summary's ``effect``)."""
-
-    def measure(summary: dict) -> float:
-        return float(summary["effect"][where]["gain_points"])
-
-    return measure
-
-
-def unregularized_at_longest(summary: dict) -> float:
-    """Test accuracy (%, mean over seeds) without the penalty at the longest distance."""
-    d = summary["effect"]["longest"]
-    key = next(k for k in d if k not in ("lam", "gain_points"))
-    row = next(r for r in summary["table"] if r["lam"] == 0.0 and r[key] == d[key])
-    return 100.0 * float(row["test_acc"]["mean"])

@@ -22,9 +22,8 @@ from implreg.experiments.locality import (
     LocalityConfig,
     LocalityExperiment,
     TrainUnit,
-    gain_points,
-    unregularized_at_longest,
 )
+from implreg.experiments.locality_claims import gain_points, unregularized_at_longest
 from implreg.sweep import worker_cache
 
 CPU = {  # the pilot's configuration (README): MNIST at 7 px on a 32 px canvas, a small CNN
@@ -222,9 +221,6 @@ class IsSameClass(LocalityExperiment):
             classes=cfg.classes,
             image_size=cfg.value("image_size"),
             canvas=cfg.value("canvas"),
-            n_train=cfg.value("n_train"),
-            n_test=cfg.value("n_test"),
-            data_seed=cfg.data_seed,
             **self.training(cfg, device),
         )
 
@@ -243,16 +239,11 @@ class IsSameClass(LocalityExperiment):
         c = cfg.value("canvas")  # uint8 images, up to 3 channels, built once per worker
         return 3.0 * c * c * (cfg.value("n_train") + cfg.value("n_test"))
 
-    def plot(self, run_dir: Path) -> list[Path]:
-        return [self.plot_accuracy(run_dir), self.plot_examples(run_dir)]
-
     def plot_examples(self, run_dir: Path) -> Path:
         """Eight training pairs at the largest gap, with their labels."""
         from implreg.runs import pyplot, save_figure
 
-        cfg = self.config_of(run_dir)
-        unit = self.make_unit(cfg, max(cfg.value("distances")), 0.0, cfg.seed, "cpu")
-        splits = build_splits(unit)
+        splits = build_splits(self.example_unit(run_dir))
         x, y = splits.x_train[:8], splits.y_train[:8]
         plt = pyplot()
         fig, axes = plt.subplots(2, 4, figsize=(9, 4.8))

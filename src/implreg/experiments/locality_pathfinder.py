@@ -24,9 +24,8 @@ from implreg.experiments.locality import (
     LocalityConfig,
     LocalityExperiment,
     TrainUnit,
-    gain_points,
-    unregularized_at_longest,
 )
+from implreg.experiments.locality_claims import gain_points, unregularized_at_longest
 from implreg.sweep import worker_cache
 
 CPU = {  # the pilot's configuration (README): 32 x 32 images, a small CNN, 40000 samples
@@ -197,9 +196,6 @@ class Pathfinder(LocalityExperiment):
             generator=cfg.value("generator"),
             patch_size=cfg.patch_size,
             cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).expanduser().resolve()),
-            n_train=cfg.value("n_train"),
-            n_test=cfg.value("n_test"),
-            data_seed=cfg.data_seed,
             **self.training(cfg, device),
         )
 
@@ -207,16 +203,11 @@ class Pathfinder(LocalityExperiment):
         side = SIDES[cfg.value("generator")]
         return float(side * side * (cfg.value("n_train") + cfg.value("n_test")))
 
-    def plot(self, run_dir: Path) -> list[Path]:
-        return [self.plot_accuracy(run_dir), self.plot_examples(run_dir)]
-
     def plot_examples(self, run_dir: Path) -> Path:
         """Sixteen training images of the longest path, with their labels."""
         from implreg.problems.pathfinder import save_examples_figure
 
-        cfg = self.config_of(run_dir)
-        unit = self.make_unit(cfg, max(cfg.value("distances")), 0.0, cfg.seed, "cpu")
-        splits = build_splits(unit)
+        splits = build_splits(self.example_unit(run_dir))
         path = Path(run_dir) / "examples.png"
         save_examples_figure(splits.x_train[:16, 0], splits.y_train[:16], path)
         return path
