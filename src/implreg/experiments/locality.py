@@ -33,6 +33,8 @@ from implreg.resources import Estimate
 from implreg.runs import pyplot, save_figure
 
 WORK = "work"
+# the published training recipe of both tasks (Razin, Maman & Cohen 2022, appendix)
+PAPER_RECIPE = {"epochs": 150, "batch_size": 64, "lr": 0.01, "momentum": 0.9, "patience": 20}
 TINY = {"n_train": 64, "n_test": 32, "epochs": 2, "width": 4, "seeds": 1, "workers": 1}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from implreg.config import param, require
 from implreg.experiments.base import Claim, Preset
 from implreg.experiments.locality import (
+    PAPER_RECIPE,
     TINY,
     LocalityConfig,
     LocalityExperiment,
@@ -54,11 +55,7 @@ PAPER = {
     "canvas": 224,
     "n_train": 5000,
     "n_test": 10000,
-    "epochs": 150,
-    "batch_size": 64,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "patience": 20,
+    **PAPER_RECIPE,
 }
 
 

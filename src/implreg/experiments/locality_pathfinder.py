@@ -20,6 +20,7 @@ from typing import Literal
 from implreg.config import param
 from implreg.experiments.base import Claim, Preset
 from implreg.experiments.locality import (
+    PAPER_RECIPE,
     TINY,
     LocalityConfig,
     LocalityExperiment,
@@ -54,11 +55,7 @@ PAPER = {
     "stem": "imagenet",
     "n_train": 10000,
     "n_test": 10000,
-    "epochs": 150,
-    "batch_size": 64,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "patience": 20,
+    **PAPER_RECIPE,
 }
 SOURCE = "Razin, Maman & Cohen 2022, Pathfinder figure"
 ENV_CACHE = "IMPLREG_CACHE_DIR"
