@@ -1,5 +1,9 @@
 """Sampled matrix products for completion gradients (numba, CPU, one thread).
 
+The objective is Razin, Yadin & Cohen 2021, eq. (1)-(2) with completion
+measurements: a mean pointwise loss over the observed entries of the CP end
+tensor.
+
 The dense completion step (:class:`~implreg.factorizations.cp_engine.DenseCompletion`)
 forms the whole end matrix ``T_1 T_2^T`` and two more ``P1 x P2 x R`` GEMMs
 with the residual matrix, although only the ``m`` observed entries carry a
