@@ -166,6 +166,45 @@ def test_interrupt_and_resume_is_bit_identical():
     assert state2.stop == state_full.stop
 
 
+def test_an_interrupt_inside_a_long_solver_call_stops_it_and_resume_redoes_the_chunk(
+    monkeypatch,
+):
+    """Ctrl-C or SIGTERM during a solver call (a chunk can take minutes) ends the call at the
+    next poll; the state, records and evaluation count are those of the chunk's start, so
+    the resumed run equals an uninterrupted one."""
+    import implreg.flow as flow_mod
+
+    torch.manual_seed(3)
+    a = torch.tensor([[1.0, 3.0], [0.5, 0.25]], dtype=torch.float64)
+    x0 = torch.randn(2, 2, dtype=torch.float64)
+    spec = FlowSpec(threshold=1e-6, lr=0.01, t_max=1e3, per_decade=6, chunk=3)
+    x_full, rec_full, state_full, _ = _run(spec, _Quadratic(a, x0), x0)
+
+    class SetAfter:  # set from the third poll on: the loop's poll, then two inside the call
+        polls = 0
+
+        def is_set(self):
+            self.polls += 1
+            return self.polls >= 3
+
+    monkeypatch.setattr(flow_mod, "POLL_SECONDS", 0.0)
+    x, rec, state, interrupted = _run(spec, _Quadratic(a, x0), x0, interrupt=SetAfter())
+    assert interrupted and state.iteration == 1 and rec.iterations == [0.0]
+    assert state.optimizer["evaluations"] == 1  # the initial loss only: the chunk is dropped
+    assert torch.equal(x, x0)
+    state2, _ = flow_train(
+        params=[x],
+        loss_and_grad=_Quadratic(a, x0),
+        spec=spec,
+        recorder=rec,
+        evaluate=lambda p: {},
+        state=state,
+    )
+    assert torch.equal(x, x_full) and rec.iterations == rec_full.iterations
+    assert state2.stop == state_full.stop
+    assert state2.optimizer["evaluations"] == state_full.optimizer["evaluations"]
+
+
 def _copy(st: dict) -> dict:
     import copy
 

@@ -31,6 +31,7 @@ reached), ``max_evals`` (the budget of gradient evaluations spent),
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -161,6 +162,13 @@ class _Budget(Exception):
     """The gradient-evaluation budget ran out inside a solver call."""
 
 
+class _Stopped(Exception):
+    """An interrupt (Ctrl-C, SIGTERM) arrived inside a solver call: the chunk is dropped."""
+
+
+POLL_SECONDS = 1.0  # inside a solver call, the interrupt is polled at most this often
+
+
 class _System:
     """The flattened flow of the running runs: ``y`` holds every parameter, run-major per tensor."""
 
@@ -182,10 +190,19 @@ class _System:
     def join(params: Sequence[Tensor]) -> Tensor:
         return torch.cat([p.reshape(-1) for p in params])
 
-    def field(self, batch: int):
+    def field(self, batch: int, interrupt=None):
+        """The vector field of ``batch`` runs; with ``interrupt``, it raises ``_Stopped`` once
+        the interrupt is set (polled every :data:`POLL_SECONDS`), so a long solver call
+        ends within about a second of Ctrl-C or SIGTERM."""
+        next_poll = [time.monotonic() + POLL_SECONDS]
+
         def f(t, y):  # noqa: ARG001 (autonomous)
             if self.limit is not None and self.counter[0] >= self.limit:
                 raise _Budget
+            if interrupt is not None and time.monotonic() >= next_poll[0]:
+                next_poll[0] = time.monotonic() + POLL_SECONDS
+                if interrupt.is_set():
+                    raise _Stopped
             self.counter[0] += 1
             _, grads = self.loss_and_grad(self.split(y, batch))
             return -self.join(grads)
@@ -324,9 +341,10 @@ def flow_train(
         y0 = system.join([p[idx] for p in params])
         times = grid[k - 1 : min(k + spec.chunk, len(grid))]
         system.limit = spec.max_evals
+        evaluations = counter[0]
         try:
             sol = odeint(
-                system.field(nb),
+                system.field(nb, interrupt),
                 y0,
                 torch.as_tensor(times, dtype=torch.float64),
                 method=spec.method,
@@ -337,6 +355,10 @@ def flow_train(
         except _Budget:
             for b in idx:
                 stop_run(b, "max_evals", float(grid[k - 1]))
+            break
+        except _Stopped:  # the state is the chunk's start; a resume redoes the chunk
+            counter[0] = evaluations
+            interrupted = True
             break
         except AssertionError as err:  # torchdiffeq's underflow / non-finite state checks
             for b in idx:
