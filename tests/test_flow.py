@@ -151,14 +151,7 @@ def test_interrupt_and_resume_is_bit_identical():
     state = TrainState.from_dict(last)
     x = last["params"][0].clone()
     rec = FlowRecorder()
-    state2, _ = flow_train(
-        params=[x],
-        loss_and_grad=_Quadratic(a, x0),
-        spec=spec,
-        recorder=rec,
-        evaluate=lambda p: {},
-        state=state,
-    )
+    state2 = _resume(x, rec, state, spec, _Quadratic(a, x0))
     assert torch.equal(x, x_full)
     assert rec.iterations == rec_full.iterations
     for key, vals in rec_full.values.items():
@@ -192,17 +185,17 @@ def test_an_interrupt_inside_a_long_solver_call_stops_it_and_resume_redoes_the_c
     assert interrupted and state.iteration == 1 and rec.iterations == [0.0]
     assert state.optimizer["evaluations"] == 1  # the initial loss only: the chunk is dropped
     assert torch.equal(x, x0)
-    state2, _ = flow_train(
-        params=[x],
-        loss_and_grad=_Quadratic(a, x0),
-        spec=spec,
-        recorder=rec,
-        evaluate=lambda p: {},
-        state=state,
-    )
+    state2 = _resume(x, rec, state, spec, _Quadratic(a, x0))
     assert torch.equal(x, x_full) and rec.iterations == rec_full.iterations
     assert state2.stop == state_full.stop
     assert state2.optimizer["evaluations"] == state_full.optimizer["evaluations"]
+
+
+def _resume(x, rec, state, spec, fn):
+    """Continue a flow run of the quadratic ``fn`` from ``state`` into ``x`` and ``rec``."""
+    return flow_train(
+        params=[x], loss_and_grad=fn, spec=spec, recorder=rec, evaluate=lambda p: {}, state=state
+    )[0]
 
 
 def _copy(st: dict) -> dict:
