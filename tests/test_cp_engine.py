@@ -345,3 +345,28 @@ def test_group_modes_partitions_consecutive_modes(dims, table_max):
 )
 def test_group_modes_examples(dims, table_max, groups):
     assert group_modes(dims, table_max) == groups
+
+
+def test_sampled_steps_do_not_depend_on_the_thread_count():
+    """The README's claim: the sampled step's sums have a fixed order, so a run of the
+    Figure 3 size gives the same bits on one thread and on two."""
+    from implreg.factorizations.cp import cp_init
+    from implreg.optim import AdaptiveGD
+
+    dims = [10, 10, 10, 10]
+    idx = _random_idx(dims, 2000, 5)
+    y = torch.randn(2000, generator=_gen(6))
+    engine = SampledCompletion(dims, idx, y)
+    before = torch.get_num_threads()
+    ends = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            f = cp_init(dims, 1000, stds=[0.05, 0.005], generator=_gen(7))
+            opt, active = AdaptiveGD(0.01, eps=1e-6), torch.ones(2, dtype=torch.bool)
+            for _ in range(30):
+                opt.step(f, engine.loss_and_grad(f, L2Loss())[1], active)
+            ends.append(f)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
