@@ -383,10 +383,21 @@ def cp_values(factors: Sequence[Tensor], idx: Tensor, *, chunk: int = 65536) -> 
 def cp_component_norms(factors: Sequence[Tensor]) -> Tensor:
     """Norms ``||w_r^1 (x) ... (x) w_r^N|| = prod_n ||w_r^n||`` of all components, ``(B, R)``."""
     _check_factors(factors)
-    out = torch.linalg.vector_norm(factors[0], dim=1)
+    out = column_norms(factors[0])
     for f in factors[1:]:
-        out = out * torch.linalg.vector_norm(f, dim=1)
+        out = out * column_norms(f)
     return out
+
+
+def column_norms(f: Tensor, keepdim: bool = False) -> Tensor:
+    """Euclidean norms of the columns of ``(B, d, R)`` factors along ``d``: ``(B, R)``.
+
+    ``sqrt(sum(f * f))``: the same rounding as ``torch.linalg.vector_norm(f, dim=1)``
+    up to the summation order (1 ulp apart), and on the CPU 17-33x faster on the
+    Figure 3 factors (``(1-3, 10, 1000)``; vector_norm reduces the strided dimension
+    without vectorizing), which made it most of the cost of a metrics record.
+    """
+    return (f * f).sum(1, keepdim=keepdim).sqrt()
 
 
 def cp_unbalancedness(factors: Sequence[Tensor]) -> Tensor:
@@ -426,7 +437,7 @@ def cp_gammas(factors: Sequence[Tensor], grad_end: Tensor) -> Tensor:
         raise ValueError(f"grad_end must have shape {expected}, got {tuple(grad_end.shape)}")
     unit = []
     for f in factors:
-        nrm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+        nrm = column_norms(f, keepdim=True)
         unit.append(torch.where(nrm > 0, f / nrm.clamp_min(torch.finfo(f.dtype).tiny), 0.0))
     kr = khatri_rao(unit)  # (B, P, R)
     return -(grad_end.reshape(batch, 1, -1) @ kr).squeeze(1)
@@ -448,7 +459,7 @@ def cp_gammas_sparse(factors: Sequence[Tensor], idx: Tensor, grad_values: Tensor
         )
     prod = None
     for n, f in enumerate(factors):
-        nrm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+        nrm = column_norms(f, keepdim=True)
         u = torch.where(nrm > 0, f / nrm.clamp_min(torch.finfo(f.dtype).tiny), 0.0)
         g = u[:, idx[:, n], :]
         prod = g if prod is None else prod * g
