@@ -420,6 +420,7 @@ def test_adaptive_time_is_the_sum_of_applied_step_sizes(batch):
         [False, True, False],
     ]
     v, t, clock = [0.0] * batch, [0] * batch, [0.0] * batch
+    last = [math.nan] * batch
     for step, mask in enumerate(masks):
         active = torch.tensor(mask[:batch])
         grads = [torch.randn(p.shape, generator=g, dtype=F64) for p in params]
@@ -437,8 +438,10 @@ def test_adaptive_time_is_the_sum_of_applied_step_sizes(batch):
             for m, gr in zip(moved, grads):
                 torch.testing.assert_close(m, eta * gr[b], rtol=1e-12, atol=1e-14)
             clock[b] += eta
+            last[b] = eta
         assert opt.t == t
         assert opt.time == pytest.approx(clock, rel=1e-14)
+        assert opt.last_eta == pytest.approx(last, rel=1e-14, nan_ok=True)
     assert all(c > 0 for c in clock)  # every run took at least one step
 
 
@@ -457,8 +460,12 @@ def test_adaptive_time_of_frozen_runs_stays_and_compact_keeps_the_rest():
     opt.compact([1])
     # the clock stays indexed by the first batch: dropped runs keep their time
     assert opt.time == before and opt.runs == [1] and len(opt.v) == len(opt.t) == 1
+    steps = list(opt.last_eta)
     opt.step([torch.zeros(1, 2, dtype=F64)], [torch.ones(1, 2, dtype=F64)], torch.tensor([True]))
     assert opt.time[0] == before[0] and opt.time[2] == before[2] and opt.time[1] > before[1]
+    # the last step size of a dropped run stays; the running one's is its newest step
+    assert opt.last_eta[0] == steps[0] and opt.last_eta[2] == steps[2]
+    assert opt.last_eta[1] == pytest.approx(opt.time[1] - before[1], rel=1e-12)
 
 
 def test_adaptive_state_round_trip_continues_the_clock():
@@ -469,10 +476,10 @@ def test_adaptive_state_round_trip_continues_the_clock():
     for gr, mask in zip(grads[:3], masks):
         a.step(pa, gr, torch.tensor(mask))
     state = a.state_dict()
-    assert set(state) == {"v", "t", "time", "runs"} and len(state["time"]) == 2
+    assert set(state) == {"v", "t", "time", "last_eta", "runs"} and len(state["time"]) == 2
     b, pb = AdaptiveGD(0.02, eps=1e-4), [pa[0].clone()]
     b.load_state_dict(state)
-    assert b.time == a.time and b.t == a.t == [2, 2]
+    assert b.time == a.time and b.last_eta == a.last_eta and b.t == a.t == [2, 2]
     for gr, mask in zip(grads[3:], masks[3:]):
         a.step(pa, gr, torch.tensor(mask))
         b.step(pb, gr, torch.tensor(mask))
@@ -488,10 +495,11 @@ def test_adaptive_state_without_time_loads_an_unknown_clock():
     opt.step([torch.zeros(2, 3, dtype=F64)], [torch.ones(2, 3, dtype=F64)], torch.ones(2).bool())
     assert opt.t == [4, 5] and all(math.isnan(x) for x in opt.time)  # unknown, never zero
     assert all(math.isnan(x) for x in opt.state_dict()["time"])
+    assert len(opt.last_eta) == 2 and all(x > 0 for x in opt.last_eta)  # set by the step
     with pytest.raises(ValueError, match="time"):
         AdaptiveGD(0.1).load_state_dict({"v": [1.0, 2.0], "t": [3, 4], "time": [0.5]})
     fresh = AdaptiveGD(0.1)
-    assert fresh.state_dict() == {"v": [], "t": [], "time": [], "runs": []}
+    assert fresh.state_dict() == {"v": [], "t": [], "time": [], "last_eta": [], "runs": []}
     fresh.load_state_dict(fresh.state_dict())
     assert fresh.time == []
 

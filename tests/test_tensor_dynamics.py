@@ -53,6 +53,12 @@ def test_reduced_figure3_incremental_learning_and_ordering(tmp_path):
     assert errs[0] <= 0.02
     # unbalancedness is conserved up to discretization (Lemma 1), tiny next to the norms
     assert small["unbalancedness_final"] < 1e-2
+    # the adaptive step's record: flow time sum_t eta_t, at most lr / eps per step, and a last
+    # step below lr / eps once the gradient is no longer tiny
+    for r in runs.values():
+        stop = r["stopped_at"]
+        assert 0 < r["flow_time"] <= stop * cfg.lr / cfg.eps * (1 + 1e-12)
+        assert 0 < r["last_step_size"] < cfg.lr / cfg.eps
 
 
 def test_trajectories_track_component_identity(tmp_path):

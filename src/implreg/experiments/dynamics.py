@@ -33,6 +33,7 @@ import torch
 
 from implreg.experiments.base import Experiment, Outcome, RunContext, assess
 from implreg.experiments.dynamics_summary import (
+    add_step_record,
     learned_now,
     learned_summary,
     learned_text,
@@ -166,6 +167,8 @@ class DynamicsExperiment(Experiment):
             flow_records = state.iteration
             state.iteration = round(state.optimizer["time"] / dyn.flow.lr)
         summary = self.summarize(cfg, its, arrays, state)
+        if dyn.flow is None:
+            add_step_record(summary["runs"], state.optimizer)
         summary["wall_seconds_this_session"] = elapsed
         summary["threads"] = threads
         if dyn.flow is not None:

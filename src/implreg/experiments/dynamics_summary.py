@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,3 +129,23 @@ def trajectories(its: np.ndarray, norms: np.ndarray, b: int) -> tuple[np.ndarray
     """Records of run ``b`` up to its stop (later records of a stopped run are NaN)."""
     valid = np.isfinite(norms[:, b, :]).all(axis=1)
     return its[valid], norms[valid, b, :]
+
+
+def add_step_record(runs: list[dict], optimizer_state: Any) -> None:
+    """Add each run's elapsed gradient-flow time ``sum_t eta_t`` (``flow_time``) and the
+    step size of its last step (``last_step_size``) from a GD-type optimizer's state.
+
+    For the adaptive step (Razin et al. 2021, App. B.2) ``last_step_size`` tells whether
+    a run was still on the plateau (``lr / eps``) or limited by the curvature of what it
+    had learned: after an escape the normalized step settles where the learned component
+    is at the edge of stability, and the flow time of the components still at zero then
+    advances by that step per iteration, not by ``lr / eps``.
+    """
+    if not isinstance(optimizer_state, dict):
+        return
+    times, steps = optimizer_state.get("time"), optimizer_state.get("last_eta")
+    for b, run in enumerate(runs):
+        if isinstance(times, list) and b < len(times):
+            run["flow_time"] = float(times[b])
+        if isinstance(steps, list) and b < len(steps):
+            run["last_step_size"] = float(steps[b])

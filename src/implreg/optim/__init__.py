@@ -143,35 +143,44 @@ def squared_norms(grads: Sequence[Tensor]) -> Tensor:
 
 class _Clock:
     """Elapsed gradient-flow time per run, ``time[b] = sum_t eta_t`` over the steps run ``b``
-    took, indexed by the run's position in the first batch (runs dropped by ``compact``
-    keep their time)."""
+    took, and ``last_eta[b]``, the step size ``eta_t`` of its last step, indexed by the run's
+    position in the first batch (runs dropped by ``compact`` keep their time and step)."""
 
     time: list[float]
+    last_eta: list[float]
     runs: list[int]
 
     def _clock_start(self, n: int) -> None:
         if not self.time:
             self.time = [0.0] * n
+            self.last_eta = [math.nan] * n
             self.runs = list(range(n))
 
     def _tick(self, j: int, eta: float) -> None:
-        self.time[self.runs[j]] += eta
+        b = self.runs[j]
+        self.time[b] += eta
+        self.last_eta[b] = eta
 
     def _clock_compact(self, keep: Sequence[int]) -> None:
         if self.runs:
             self.runs = [self.runs[i] for i in keep]
 
     def _clock_state(self) -> dict:
-        return {"time": list(self.time), "runs": list(self.runs)}
+        return {"time": list(self.time), "last_eta": list(self.last_eta), "runs": list(self.runs)}
 
     def _clock_load(self, state: dict, n: int) -> None:
         # a state written before the clock existed: the time is unknown, not zero
         self.time = [float(x) for x in state.get("time", [math.nan] * n)]
+        self.last_eta = [float(x) for x in state.get("last_eta", [math.nan] * len(self.time))]
         self.runs = [int(x) for x in state.get("runs", range(len(self.time)))]
-        if any(not 0 <= r < len(self.time) for r in self.runs) or (n and len(self.runs) != n):
+        if (
+            any(not 0 <= r < len(self.time) for r in self.runs)
+            or (n and len(self.runs) != n)
+            or len(self.last_eta) != len(self.time)
+        ):
             raise ValueError(
-                f"state['time'] ({len(self.time)} runs) and state['runs'] must cover the {n} "
-                "runs of the optimizer state"
+                f"state['time'] ({len(self.time)} runs), state['last_eta'] and state['runs'] must "
+                f"cover the {n} runs of the optimizer state"
             )
 
 
@@ -183,6 +192,7 @@ class GD(_Clock):
     def __init__(self, lr: float):
         self.lr = _check_rate("lr", lr)
         self.time: list[float] = []
+        self.last_eta: list[float] = []
         self.runs: list[int] = []
 
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor) -> None:
@@ -229,6 +239,7 @@ class AdaptiveGD(_Clock):
         self.v: list[float] = []
         self.t: list[int] = []
         self.time: list[float] = []
+        self.last_eta: list[float] = []
         self.runs: list[int] = []
 
     def step_sizes(self, grads: Sequence[Tensor], active: Sequence[bool]) -> list[float]:
