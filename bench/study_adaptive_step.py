@@ -1,8 +1,11 @@
-"""Why the CP panel of ``dynamics-mf-tf-htf`` learns one component: the adaptive step.
+"""Why CP at order 4 with 256 components learns one component: the adaptive step.
 
-The blog figure's CP panel (Razin 2022; REFERENCE §4: order 4, modes of 16, CP rank 5,
-||W*|| = 64, 256 components, init 1e-3, 2048 observed entries) trained with the adaptive
-step of Razin et al. 2021, App. B.2 (one global ``eta_t = lr / (sqrt(v_hat_t) + eps)``).
+The blog figure's CP panel (Razin 2022; REFERENCE §4: modes of 16, CP rank 5, ||W*|| = 64,
+256 components, init 1e-3, 2048 observed entries) is order 3 in ``dynamics-mf-tf-htf``
+(256 = 16 x 16, the component-count rule of Figure 3), where five components are learned.
+This study runs the order-4 reading of it (16^4 entries, the panel's setting until
+2026-12-01), trained with the adaptive step of Razin et al. 2021, App. B.2 (one global
+``eta_t = lr / (sqrt(v_hat_t) + eps)``), which learns one component and stalls.
 Every ``--every`` iterations this prints the train loss, ||g||, the step ``eta_t``, the
 elapsed gradient-flow time ``sum_t eta_t`` and the two largest component norms; at the
 end, the largest eigenvalue of the loss Hessian (power iteration on Hessian-vector
@@ -22,7 +25,7 @@ import torch
 from implreg.api import resolve
 from implreg.factorizations.cp import cp_component_norms, cp_values
 
-PANEL = "dims=16,16,16,16;gt_rank=5;gt_norm=64;rank=256;num_observations=2048;init_stds=1e-3"
+ORDER4 = "dims=16,16,16,16;gt_rank=5;gt_norm=64;rank=256;num_observations=2048;init_stds=1e-3"
 
 
 def top_hessian_eigenvalue(factors, idx, y, iterations: int = 60) -> float:
@@ -50,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     _, exp, cfg = resolve(
-        "tf-dynamics", overrides=PANEL.split(";") + args.overrides, seed=args.seed
+        "tf-dynamics", overrides=ORDER4.split(";") + args.overrides, seed=args.seed
     )
     if len(cfg.init_stds) != 1 or cfg.optimizer != "adaptive" or cfg.task != "completion":
         raise SystemExit("this study takes one init std, optimizer=adaptive, task=completion")

@@ -241,7 +241,7 @@ def test_completion_engine_dispatch():
     assert choose_completion_method(dims4, 2000, device="cuda") == "dense"
     assert choose_completion_method(dims4, 2501) == "dense"
     assert choose_completion_method([100], 20) == "dense"  # order 1
-    # the blog figure's CP panel (16^4, m = 2048): far sparser, small halves: sampled
+    # CP on 16^4 with m = 2048 (3% observed): far sparser, small halves: sampled
     assert choose_completion_method([16] * 4, 2048) == "sampled"
     # 10^8 entries, too many to build, but halves of 10^4 rows beside 10^5 observations
     assert choose_completion_method([10] * 8, 100_000) == "sampled"

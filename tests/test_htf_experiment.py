@@ -699,3 +699,16 @@ def test_seed_sweep_counts_the_ground_truth_root_width(tmp_path):
     assert _tiny("htf-dynamics").expected_components() == tiny["gt_widths"][-1]
     for entry in agg["runs"]:
         assert 0.0 <= entry["exactly_gt_rank_learned_fraction"] <= 1.0
+
+
+def test_the_trio_cp_panel_follows_the_component_count_rule_of_figure_3():
+    """The blog's CP panel: modes of 16, 256 components, CP rank 5, ||W*|| 64, init 1e-3.
+
+    Its order is not stated; 256 components is the product of all mode sizes but the
+    largest (Razin et al. 2021, Figure 3's rule) only at order 3.  At order 4 (16^3 = 4096
+    would be the count) the panel learned one component, not five (README)."""
+    tf = PRESETS["dynamics-mf-tf-htf"].config.panel("tf")
+    dims = sorted(tf.dims)
+    assert dims == [16, 16, 16]
+    assert tf.rank == math.prod(dims[:-1]) == 256
+    assert (tf.gt_rank, tf.gt_norm, tuple(tf.init_stds)) == (5, 64, (1e-3,))

@@ -116,7 +116,7 @@ TF_CLAIMS = (
 
 
 # the flow to loss 1e-8 from init 0.005 takes longer than the whole reduced report: the reduced
-# budget integrates the flow of the order-3 problem of tf-order to loss 1e-6
+# budget integrates the flow of the order-3 problem of tf-order (to the same loss 1e-8)
 TF_FLOW_REDUCED = {
     "dims": (10, 10, 10),
     "gt_rank": 3,

@@ -4,10 +4,18 @@ the figure of MF / TF / HTF dynamics).
 Three runs, one after another, each in its own sub-folder of the run folder
 (``mf/``, ``tf/``, ``htf/``) and each a full run of its own preset, resumable on
 its own: deep matrix factorization (64 x 64, rank 5, depth 3, init 1e-3),
-CP tensor factorization (order 4, modes of 16, CP rank 5, 256 components,
+CP tensor factorization (order 3, modes of 16, CP rank 5, 256 components,
 init 1e-3) and hierarchical tensor factorization (``htf-dynamics``).  The
 figure puts the top singular values, component norms and root local component
 norms over iterations side by side: all three are learned one after another.
+
+The blog names the CP panel's modes (16) and components (256) but not its
+order.  256 is the product of all mode sizes but the largest for order 3
+(16 x 16), the rule Figure 3 of Razin et al. (ICML 2021) uses for its
+component count, so the panel is order 3 (16^3 = 4096 entries, 2048 of them
+observed).  Order 4 with 256 components (16^3 would be its count) learns one
+component and stalls (README); order 3 learns five near the published
+iterations and norms.
 """
 
 from __future__ import annotations
@@ -75,7 +83,7 @@ class TrioConfig:
         doc="overrides of mf-dynamics",
     )
     tf: str = param(
-        "dims=16,16,16,16;gt_rank=5;gt_norm=64;rank=256;num_observations=2048;init_stds=1e-3;"
+        "dims=16,16,16;gt_rank=5;gt_norm=64;rank=256;num_observations=2048;init_stds=1e-3;"
         "max_iterations=20000",
         doc="overrides of tf-dynamics",
     )
@@ -106,7 +114,7 @@ class DynamicsTrio(Experiment):
         Preset(
             "dynamics-mf-tf-htf",
             "Razin 2022 blog post, figure of MF / TF / HTF dynamics",
-            "deep MF 64x64 rank 5 depth 3; CP with 256 components on modes of 16; "
+            "deep MF 64x64 rank 5 depth 3; CP order 3 with 256 components on modes of 16; "
             "HTF as htf-dynamics: each panel's top components over iterations",
             tiny={
                 "mf": "shape=12,12;gt_rank=2;gt_norm=12;num_observations=80;depths=3;"
@@ -118,8 +126,7 @@ class DynamicsTrio(Experiment):
             },
             claims=(
                 _panel_claim("mf", 5, "deep matrix factorization (depth 3, 64 x 64, rank 5)"),
-                # measured here at the published scale: one component of norm 133 (README)
-                _panel_claim("tf", 5, "CP factorization (modes of 16, rank 5)"),
+                _panel_claim("tf", 5, "CP factorization (order 3, modes of 16, rank 5)"),
                 _panel_claim("htf", 5, "hierarchical factorization (published size)", "full"),
                 _panel_claim("htf", 3, "hierarchical factorization (modes of 8)", "reduced"),
             ),
