@@ -119,3 +119,32 @@ def test_worker_cache_builds_once_and_keeps_the_last_four():
         worker_cache(("t", k), lambda k=k: build(k))
     worker_cache(("t", 1), lambda: build(1))
     assert calls == [1, 2, 3, 4, 5, 6, 7, 1]
+
+
+def _touch(path):
+    with open(path, "w") as fh:
+        fh.write("ran")
+    return "done"
+
+
+@pytest.mark.parametrize("orphaned", [False, True])
+def test_a_worker_whose_driver_died_before_its_prctl_exits_at_once(tmp_path, orphaned):
+    """PR_SET_PDEATHSIG set after the parent died never fires (man 2 prctl): a worker that
+    finds its parent changed by then must exit instead of running its unit."""
+    import multiprocessing
+
+    from implreg.backends import ORPHANED, _child
+
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe(duplex=False)
+    marker = tmp_path / "ran"
+    # a pid that is not this worker's parent stands for a parent that died and was replaced
+    parent = os.getpid() + (1 if orphaned else 0)
+    proc = ctx.Process(target=_child, args=(there, _touch, marker, 1, parent), daemon=True)
+    proc.start()
+    there.close()
+    proc.join(60)
+    if orphaned:
+        assert proc.exitcode == ORPHANED and not marker.exists()
+    else:
+        assert here.recv() == ("ok", "done") and marker.exists() and proc.exitcode == 0

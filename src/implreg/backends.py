@@ -49,9 +49,14 @@ def call_with_threads(fn: Callable[[Any], Any], item: Any, threads: int) -> Any:
     return fn(item)
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int | None = None) -> None:
     """Workers leave Ctrl-C to the driver (which kills them) and die with the driver, even
-    when it is killed with SIGKILL (Linux ``PR_SET_PDEATHSIG``)."""
+    when it is killed with SIGKILL (Linux ``PR_SET_PDEATHSIG``).
+
+    ``parent`` is the pid the worker was forked from, where known: a parent that died
+    between the fork and the ``prctl`` call sends no signal (man 2 prctl), so a worker
+    whose parent is no longer ``parent`` by then exits at once instead of running on.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
@@ -59,11 +64,16 @@ def _worker_init() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if parent is not None and os.getppid() != parent:
+        os._exit(ORPHANED)
 
 
-def _child(conn, fn: Callable[[Any], Any], item: Any, threads: int) -> None:
+ORPHANED = 3  # exit status of a worker that found its driver gone before it started
+
+
+def _child(conn, fn: Callable[[Any], Any], item: Any, threads: int, parent: int | None) -> None:
     """One item in a forked worker: send ``("ok", value)`` or ``("error", exception)``."""
-    _worker_init()
+    _worker_init(parent)
     try:
         reply = ("ok", call_with_threads(fn, item, threads))
     except BaseException as exc:  # noqa: BLE001 - handed to the driver, which re-raises it
@@ -101,6 +111,8 @@ def map_local(
     # the same process); then the workers start from a clean server process instead.
     after_ray = any(name in sys.modules for name in ("ray", "grpc"))
     ctx = multiprocessing.get_context("forkserver" if after_ray else "fork")
+    # a forked worker's parent is this process; a forkserver's child has the server as parent
+    parent = None if after_ray else os.getpid()
     queue = list(enumerate(items))
     running: dict[Any, tuple[int, Any]] = {}  # connection -> (item index, process)
     try:
@@ -110,7 +122,9 @@ def map_local(
             while queue and len(running) < workers:
                 i, item = queue.pop(0)
                 here, there = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_child, args=(there, fn, item, threads), daemon=True)
+                proc = ctx.Process(
+                    target=_child, args=(there, fn, item, threads, parent), daemon=True
+                )
                 proc.start()
                 there.close()
                 running[here] = (i, proc)
