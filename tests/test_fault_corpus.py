@@ -1477,7 +1477,16 @@ SIGINT_CASES = [
     pytest.param(tiny(TF, **LONG_TF), 1.2, id="tf-dynamics at 1.2 s (imports, problem)"),
     pytest.param(tiny(TF, **LONG_TF), "run", id="tf-dynamics during the run"),
     pytest.param(
-        tiny("tensor-rank-complexity", iterations="100000", rel_tol="0") + ["--data-dir", "{data}"],
+        # eight ranks on all 600 fake images: ~15 s of fits (the tiny grid's L-BFGS stops
+        # within a second, so a Ctrl-C 0.5 s after "run folder" could come after the end)
+        tiny(
+            "tensor-rank-complexity",
+            iterations="100000",
+            rel_tol="0",
+            ranks="1,2,3,4,5,6,7,8",
+            train_samples="600",
+        )
+        + ["--data-dir", "{data}"],
         "run",
         id="tensor-rank-complexity during the run (data loading)",
     ),
