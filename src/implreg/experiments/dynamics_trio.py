@@ -13,9 +13,11 @@ The blog names the CP panel's modes (16) and components (256) but not its
 order.  256 is the product of all mode sizes but the largest for order 3
 (16 x 16), the rule Figure 3 of Razin et al. (ICML 2021) uses for its
 component count, so the panel is order 3 (16^3 = 4096 entries, 2048 of them
-observed).  Order 4 with 256 components (16^3 would be its count) learns one
-component and stalls (README); order 3 learns five near the published
-iterations and norms.
+observed).  The authors' data generator (asafmaman101/imp_reg_htf, read for
+facts) defaults to the same problem: order 3, modes of 16, a CP-rank-5 target
+of Frobenius norm 64, 4096 entries (2048 of them trained on, as their README's
+commands say).  Order 4 with 256 components learns one component and stalls
+(README); order 3 learns five near the published iterations and norms.
 """
 
 from __future__ import annotations
