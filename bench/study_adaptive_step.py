@@ -4,7 +4,7 @@ The blog figure's CP panel (Razin 2022; REFERENCE §4: modes of 16, CP rank 5, |
 256 components, init 1e-3, 2048 observed entries) is order 3 in ``dynamics-mf-tf-htf``
 (256 = 16 x 16, the component-count rule of Figure 3), where five components are learned.
 This study runs the order-4 reading of it (16^4 entries, the panel's setting until
-2026-12-01), trained with the adaptive step of Razin et al. 2021, App. B.2 (one global
+2026-12-02), trained with the adaptive step of Razin et al. 2021, App. B.2 (one global
 ``eta_t = lr / (sqrt(v_hat_t) + eps)``), which learns one component and stalls.
 Every ``--every`` iterations this prints the train loss, ||g||, the step ``eta_t``, the
 elapsed gradient-flow time ``sum_t eta_t`` and the two largest component norms; at the
