@@ -712,3 +712,29 @@ def test_the_trio_cp_panel_follows_the_component_count_rule_of_figure_3():
     assert dims == [16, 16, 16]
     assert tf.rank == math.prod(dims[:-1]) == 256
     assert (tf.gt_rank, tf.gt_norm, tuple(tf.init_stds)) == (5, 64, (1e-3,))
+
+
+@pytest.mark.parametrize(("dims", "tree"), [((3, 4, 5), "adjacent"), ((3, 4, 2, 3), "interleaved")])
+def test_cp_truth_is_the_cp_tensor_of_its_leaves(dims, tree):
+    """``gt_type=cp``: the end tensor is sum_r a_r^1 (x) ... (x) a_r^N of the leaves (the
+    definition, by einsum), at the asked norm, of CP rank at most ``rank`` over the tree."""
+    from implreg.problems.hierarchical import cp_ht_tensor
+
+    t = ModeTree.parse(tree, len(dims))
+    truth = cp_ht_tensor(dims, t, 3, norm=7.0, generator=torch.Generator().manual_seed(1))
+    leaves = [truth.params[v][0] for v in range(t.order)]
+    letters = "abcdefgh"[: len(dims)]
+    spec = ",".join(f"{c}r" for c in letters) + "->" + letters
+    expect = torch.einsum(spec, *leaves)
+    assert torch.allclose(truth.dense(), expect, rtol=1e-12, atol=1e-12)
+    assert math.isclose(float(expect.norm()), 7.0, rel_tol=1e-12)
+    assert np.linalg.matrix_rank(expect.reshape(dims[0], -1).numpy()) <= 3
+
+
+def test_gt_type_cp_takes_one_rank_and_counts_it():
+    cfg = with_overrides(PRESETS["htf-dynamics"].config, {"gt_type": "cp", "gt_widths": (4,)})
+    cfg.check()
+    assert cfg.expected_components() == 4
+    bad = with_overrides(PRESETS["htf-dynamics"].config, {"gt_type": "cp", "gt_widths": (5, 3)})
+    with pytest.raises(Exception, match="gt_type=cp takes one CP rank"):
+        bad.check()

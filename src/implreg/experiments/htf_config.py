@@ -30,6 +30,7 @@ from implreg.flow import FlowOptions, GDOptions
 from implreg.htf_analysis import parse_splits, split_spectra, splits_of
 from implreg.losses import make_loss
 from implreg.problems.hierarchical import (
+    cp_ht_tensor,
     htf_completion_problem,
     htf_sensing_problem,
     low_ht_rank_tensor,
@@ -49,6 +50,9 @@ class HTFDynamicsConfig(FlowOptions, GDOptions):
     widths: tuple[int, ...] = param((512, 512), ge=1, doc="local components per level (or one)")
     gt_widths: tuple[int, ...] = param((5, 5), ge=1, doc="ground truth widths (HT ranks)")
     gt_norm: float = param(64.0, gt=0, doc="Frobenius norm of the ground truth")
+    gt_type: Literal["ht", "cp"] = param(
+        "ht", doc="ground truth: ht (the model at gt_widths) or cp (CP rank gt_widths)"
+    )
     task: Literal["completion", "sensing"] = "completion"
     num_observations: int = param(2048, ge=1, doc="observed entries or rank-one measurements")
     num_test: int = param(2048, ge=1, doc="held-out entries for the reconstruction error")
@@ -103,6 +107,10 @@ class HTFDynamicsConfig(FlowOptions, GDOptions):
             self.loss != "huber" or self.huber_delta > 0, "the huber loss needs huber_delta > 0"
         )
         require(
+            self.gt_type != "cp" or len(set(self.gt_widths)) == 1,
+            f"gt_type=cp takes one CP rank as gt_widths, got {','.join(map(str, self.gt_widths))}",
+        )
+        require(
             self.method != "dense" or size <= DENSE_MAX,
             f"method=dense builds all {size} entries each step (at most {DENSE_MAX}); "
             "use method=gather",
@@ -110,6 +118,8 @@ class HTFDynamicsConfig(FlowOptions, GDOptions):
 
     def expected_components(self) -> int:
         """Root local components of the ground truth: how many a run should learn."""
+        if self.gt_type == "cp":
+            return self.gt_widths[0]
         tree = self.mode_tree()
         return tree.resolve_widths(self.width_arg(self.gt_widths))[-1]
 
@@ -166,9 +176,12 @@ def build_problem(cfg: HTFDynamicsConfig, device: str = "cpu") -> Prepared:
     dtype, dev = DTYPES[cfg.dtype], torch.device(device)
     tree, widths = cfg.mode_tree(), cfg.width_arg(cfg.widths)
     gen = torch.Generator().manual_seed(cfg.seed)
-    truth = low_ht_rank_tensor(
-        cfg.dims, tree, cfg.width_arg(cfg.gt_widths), norm=cfg.gt_norm, generator=gen
-    )
+    if cfg.gt_type == "cp":
+        truth = cp_ht_tensor(cfg.dims, tree, cfg.gt_widths[0], norm=cfg.gt_norm, generator=gen)
+    else:
+        truth = low_ht_rank_tensor(
+            cfg.dims, tree, cfg.width_arg(cfg.gt_widths), norm=cfg.gt_norm, generator=gen
+        )
     if cfg.task == "completion":
         prob = htf_completion_problem(truth, cfg.num_observations, cfg.num_test, generator=gen)
         engine = htf_completion_engine(

@@ -95,6 +95,35 @@ def low_ht_rank_tensor(
     return HTFTensor(tree, [p * scale for p in params])
 
 
+def cp_ht_tensor(
+    dims: Sequence[int], tree: ModeTree, rank: int, *, norm: float, generator: torch.Generator
+) -> HTFTensor:
+    """Ground truth of CP rank ``rank`` written as a hierarchical factorization over ``tree``.
+
+    The leaves hold the CP factors, i.i.d. ``N(0, 1)`` (``d_n x rank``, drawn in mode
+    order), every internal node the ``rank x rank`` identity and the root a vector of
+    ones, so the end tensor is ``sum_r a_r^1 (x) ... (x) a_r^N``; the factors are then
+    multiplied by one common factor so that ``||W||_F = norm``.  This is the default
+    target of the authors' data generator (asafmaman101/imp_reg_htf: order 3, modes of
+    16, CP rank 5, norm 64); its HT ranks are at most ``rank`` over every tree."""
+    rank = _check_int("rank", rank, minimum=1)
+    norm = _check_real("norm", norm, positive=True)
+    _check_generator("generator", generator)
+    params: list[Tensor] = []
+    for v, shape in enumerate(tree.shapes(dims, rank)):
+        if not tree.children[v]:
+            params.append(torch.randn(1, *shape, generator=generator, dtype=torch.float64))
+        elif tree.parent(v) is None:
+            params.append(torch.ones(1, *shape, dtype=torch.float64))
+        else:
+            params.append(torch.eye(*shape, dtype=torch.float64).unsqueeze(0))
+    current = float(htf_frobenius_norm(params, tree)[0])
+    if not current > 0:
+        raise ValueError("the drawn ground truth is zero; draw again with another seed")
+    scale = (norm / current) ** (1.0 / tree.order)
+    return HTFTensor(tree, [p * scale if not tree.children[v] else p for v, p in enumerate(params)])
+
+
 @dataclass
 class HTFCompletion:
     """Distinct entries, the first ``m_train`` observed, the rest held out."""
