@@ -714,6 +714,25 @@ def test_the_trio_cp_panel_follows_the_component_count_rule_of_figure_3():
     assert (tf.gt_rank, tf.gt_norm, tuple(tf.init_stds)) == (5, 64, (1e-3,))
 
 
+def test_the_trio_mf_panel_starts_from_the_authors_layer_init_and_step():
+    """The blog's MF panel (authors' code, read for facts): every layer's entries
+    N(0, 1e-3^2), adaptive GD with lr 0.01 and eps 1e-6.  ``mf-dynamics`` takes an
+    end-to-end ``init_scale``; the panel's value must give layers of that std (the old
+    ``init_scale=1e-3`` gave 0.0125 and left zero ~4x later than published)."""
+    from implreg.factorizations.matrix import mf_init
+
+    mf = PRESETS["dynamics-mf-tf-htf"].config.panel("mf")
+    assert (tuple(mf.shape), mf.gt_rank, mf.gt_norm, tuple(mf.depths)) == ((64, 64), 5, 64, (3,))
+    assert (mf.init, mf.optimizer, mf.lr, mf.eps) == ("gaussian", "adaptive", 0.01, 1e-6)
+    layers = mf_init(
+        mf.shape, 3, scales=[mf.init_scale], generator=torch.Generator().manual_seed(0)
+    )
+    assert [tuple(w.shape) for w in layers] == [(1, 64, 64)] * 3
+    entries = torch.cat([w.flatten() for w in layers])  # 12288 draws: std within ~1.3%
+    assert abs(float(entries.std()) / 1e-3 - 1) < 0.05
+    assert abs(float(entries.mean())) < 1e-4
+
+
 @pytest.mark.parametrize(("dims", "tree"), [((3, 4, 5), "adjacent"), ((3, 4, 2, 3), "interleaved")])
 def test_cp_truth_is_the_cp_tensor_of_its_leaves(dims, tree):
     """``gt_type=cp``: the end tensor is sum_r a_r^1 (x) ... (x) a_r^N of the leaves (the

@@ -3,7 +3,8 @@ the figure of MF / TF / HTF dynamics).
 
 Three runs, one after another, each in its own sub-folder of the run folder
 (``mf/``, ``tf/``, ``htf/``) and each a full run of its own preset, resumable on
-its own: deep matrix factorization (64 x 64, rank 5, depth 3, init 1e-3),
+its own: deep matrix factorization (64 x 64, rank 5, depth 3, every layer's
+entries N(0, 1e-3^2)),
 CP tensor factorization (order 3, modes of 16, CP rank 5, 256 components,
 init 1e-3) and hierarchical tensor factorization (``htf-dynamics``).  The
 figure puts the top singular values, component norms and root local component
@@ -18,6 +19,15 @@ facts) defaults to the same problem: order 3, modes of 16, a CP-rank-5 target
 of Frobenius norm 64, 4096 entries (2048 of them trained on, as their README's
 commands say).  Order 4 with 256 components learns one component and stalls
 (README); order 3 learns five near the published iterations and norms.
+
+The MF panel follows the authors' blog code (asafmaman101/imp_reg_htf, read for facts):
+every layer's entries are i.i.d. N(0, 1e-3^2) and the optimizer is their adaptive GD with
+lr 0.01 and eps 1e-6 (the one of ``tf-dynamics``), not Arora et al.'s (lr 1e-3, eps 1e-4)
+that ``mf-dynamics`` defaults to.  ``mf-dynamics``'s ``init_scale`` is end-to-end: a layer's
+entries have std ``init_scale^(1/N) / sqrt(d_in)``, so a per-layer std of 1e-3 at depth 3
+and width 64 is ``init_scale = (1e-3 * 8)^3 = 5.12e-7``
+(:data:`MF_LAYER_STD`, :func:`mf_init_scale`).  With ``init_scale=1e-3`` (per-layer std
+0.0125) and Arora's step the five singular values left zero ~4x later than published.
 """
 
 from __future__ import annotations
@@ -51,6 +61,15 @@ PANELS = (
 TOP = 5  # components drawn and tabled per panel (the published figure's five)
 
 BLOG = "Razin 2022 blog, figure of MF / TF / HTF dynamics"
+MF_LAYER_STD = 1e-3  # the authors' DLN init: every layer's entries N(0, 1e-3^2)
+
+
+def mf_init_scale(layer_std: float, width: int, depth: int) -> float:
+    """``mf-dynamics``'s end-to-end ``init_scale`` whose Gaussian layers have entries of std
+    ``layer_std`` (:func:`implreg.factorizations.matrix.mf_init`: ``scale^(1/N)/sqrt(d_in)``)."""
+    return (layer_std * width**0.5) ** depth
+
+
 # the HTF panel at the size where its picture runs in seconds (README; 28 min at the published)
 SMALL_HTF = (
     "dims=8,8,8,8;widths=64,64;gt_widths=3,3;gt_norm=32;num_observations=1200;num_test=500;"
@@ -80,7 +99,8 @@ class TrioConfig:
     """Overrides of each panel's preset, ``key=value`` pairs separated by ``;``."""
 
     mf: str = param(
-        "shape=64,64;gt_rank=5;gt_norm=64;num_observations=2048;depths=3;init_scale=1e-3;"
+        "shape=64,64;gt_rank=5;gt_norm=64;num_observations=2048;depths=3;"
+        f"init_scale={mf_init_scale(MF_LAYER_STD, 64, 3):.6g};lr=0.01;eps=1e-6;"
         "max_iterations=20000;workers=1",
         doc="overrides of mf-dynamics",
     )
