@@ -267,3 +267,43 @@ def test_out_that_is_a_file_is_refused(capsys, tmp_path):
     f.write_text("x")
     assert main(["report", "--budget", "reduced", "--out", str(f)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_configuration_run_twice_is_copied_not_recomputed(tmp_path, monkeypatch):
+    # the trio's HTF panel with htf-dynamics' own (tiny) configuration: the report runs it
+    # once, in the trio, and htf-dynamics copies that finished run
+    from implreg.report import _as_strings
+
+    trio = PRESETS["dynamics-mf-tf-htf"]
+    same = ";".join(_as_strings(PRESETS["htf-dynamics"].tiny))
+    monkeypatch.setitem(
+        PRESETS, "dynamics-mf-tf-htf", dataclasses.replace(trio, tiny={**trio.tiny, "htf": same})
+    )
+    lines: list[str] = []
+    report = build_report(
+        tmp_path,
+        "tiny",
+        presets=["dynamics-mf-tf-htf", "htf-dynamics"],
+        checks=["lemma1-cp"],
+        threads=1,
+        log=lines.append,
+    )
+    trio_row, htf_row = report.presets
+    assert not trio_row.reused and htf_row.reused and "copied" in htf_row.note
+    panel = tmp_path / "runs" / "dynamics-mf-tf-htf" / "htf"
+    copy = tmp_path / "runs" / "htf-dynamics"
+    saved = json.loads((copy / "config.json").read_text())
+    assert saved["preset"] == "htf-dynamics" and saved["copied_from"] == str(panel)
+    assert saved["config"] == json.loads((panel / "config.json").read_text())["config"]
+    assert (copy / "summary.json").read_bytes() == (panel / "summary.json").read_bytes()
+    assert not list(copy.glob(".lock")) and not list(copy.parent.glob(".*copying"))
+    assert any("copying the finished run" in line for line in lines)
+    rows = [c for c in report.claims if c.preset == "htf-dynamics"]
+    assert rows and all("did not run" not in c.reason and "failed" not in c.reason for c in rows)
+    # a different configuration is never taken for the same one
+    other = dataclasses.replace(
+        PRESETS["htf-dynamics"], tiny={**PRESETS["htf-dynamics"].tiny, "max_iterations": 200}
+    )
+    monkeypatch.setitem(PRESETS, "htf-dynamics", other)
+    again = build_report(tmp_path, "tiny", presets=["htf-dynamics"], checks=["lemma1-cp"], log=str)
+    assert not again.presets[0].reused

@@ -4,7 +4,9 @@ For each preset of the registry (in registry order) :func:`build_report` runs
 the preset at the chosen budget into ``<out>/runs/<preset>`` through the public
 API (:func:`implreg.api.run_preset`), or reuses a finished run already there
 with the same configuration (so a report can be resumed after Ctrl-C and
-re-rendered for free); it then runs the theorem checks
+re-rendered for free), or copies a finished run of exactly the same configuration made
+by an earlier preset of the same report (``htf-dynamics`` is the HTF panel of
+``dynamics-mf-tf-htf``); it then runs the theorem checks
 (:func:`implreg.checks.run_checks`), evaluates every :class:`Claim` the presets
 declare, and writes ``report.html`` (static: no script, no network; figures
 referenced by relative path under ``<out>``), its Markdown twin ``report.md``
@@ -248,13 +250,61 @@ def seed_statistics(claim: Claim, summaries: Sequence[Mapping[str, Any]]) -> dic
 # running
 
 
+def _config_json(cfg: Any) -> Any:
+    return json.loads(json.dumps(to_mapping(cfg), default=list))
+
+
 def _same_config(run_dir: Path, cfg: Any) -> bool:
     try:
         saved = read_json(run_dir / CONFIG)
     except (OSError, ValueError):
         return False
-    want = json.loads(json.dumps(to_mapping(cfg), default=list))
-    return isinstance(saved, dict) and saved.get("config") == want
+    return isinstance(saved, dict) and saved.get("config") == _config_json(cfg)
+
+
+def _equal_finished_run(runs: Path, experiment: str, cfg: Any, skip: Path) -> Path | None:
+    """A finished run under ``runs`` (a preset's folder or one level below, e.g. a panel of
+    ``dynamics-mf-tf-htf``) of ``experiment`` with exactly the configuration ``cfg``.
+
+    The report runs the same configuration only once: ``htf-dynamics`` at the full budget
+    is the HTF panel of ``dynamics-mf-tf-htf`` (28 min here), so the second of the two
+    copies the first's folder instead of computing it again.
+    """
+    want = _config_json(cfg)
+    for config_file in sorted(runs.glob(f"*/{CONFIG}")) + sorted(runs.glob(f"*/*/{CONFIG}")):
+        found = config_file.parent
+        if found == skip or skip in found.parents or not (found / SUMMARY).is_file():
+            continue
+        try:
+            saved = read_json(config_file)
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(saved, dict)
+            and saved.get("experiment") == experiment
+            and saved.get("config") == want
+        ):
+            return found
+    return None
+
+
+def _copy_run(source: Path, target: Path, preset: str) -> None:
+    """Copy the finished run folder ``source`` to ``target`` (absent) as a run of ``preset``.
+
+    The copy is made beside ``target`` and renamed into place, so an interruption leaves
+    no half-copied run; its ``config.json`` names ``preset`` and where it was copied from.
+    """
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.copying")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".lock"))
+    info = read_json(tmp / CONFIG)
+    info["preset"] = preset
+    info["copied_from"] = str(source)
+    write_json(tmp / CONFIG, info)
+    tmp.rename(target)
 
 
 def _set_aside(path: Path, log: Callable[[str], None]) -> None:
@@ -313,7 +363,16 @@ def _run_one(
         _, _, cfg = resolve(preset.name, overrides=overrides, data_dir=data_dir)
         if path.exists() and (not reuse or not _same_config(path, cfg)):
             _set_aside(path, log)
-        if (path / SUMMARY).is_file():
+        donor = None
+        if reuse and not path.exists():
+            donor = _equal_finished_run(runs, preset.experiment.name, cfg, path)
+        if donor is not None:
+            _copy_run(donor, path, preset.name)
+            run = _load(path)
+            row.reused = True
+            row.note = f"the same configuration as {donor.relative_to(runs.parent)}: copied"
+            log(f"{preset.name}: copying the finished run of the same configuration in {donor}")
+        elif (path / SUMMARY).is_file():
             run = _load(path)
             row.reused = True
             log(f"{preset.name}: reusing the finished run in {path}")
