@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from implreg.factorizations.cp_exp import Standardization, one_hot_features
 from implreg.optim.exp_sum_fit import SparseExpSumObjective
 from implreg.problems.images import discretize, load_dataset
 from implreg.seeds import parse_seeds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_tensor_rank_convergence import variant_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,14 +55,22 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--memory", type=int, default=20)
     ap.add_argument("--every", type=int, default=500)
+    ap.add_argument(
+        "--variant", default="original", choices=("original", "rand_image", "rand_label")
+    )
+    ap.add_argument("--variant-seed", type=int, default=0, help="seed of a random variant")
     args = ap.parse_args()
     if not (args.data_dir / "mnist").is_dir():
         print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
         return
     torch.set_num_threads(1)
     data = load_dataset("mnist", args.data_dir)
-    x = torch.from_numpy(discretize(data["train"].images))
-    y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float64))
+    if args.variant == "original":
+        x = torch.from_numpy(discretize(data["train"].images))
+        y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float64))
+    else:
+        x, y = variant_data(data, args.variant, args.cls, args.variant_seed)
+        y = y.to(torch.float64)
     onehot = one_hot_features(x, 2, torch.float64)
     std = Standardization.of(onehot)
     live = (onehot.amax(0) > onehot.amin(0)).nonzero().squeeze(1)
@@ -75,7 +87,10 @@ def main() -> None:
         loss, grad_of = obj(torch.from_numpy(p).view(1, -1), task)
         return float(loss[0]), grad_of(task).reshape(-1).numpy()
 
-    print(f"MNIST class {args.cls}, rank {args.rank}, scipy L-BFGS-B, {args.memory} pairs")
+    print(
+        f"MNIST class {args.cls} ({args.variant}), rank {args.rank}, scipy L-BFGS-B, "
+        f"{args.memory} pairs"
+    )
     for seed in parse_seeds(args.seeds):
         x0 = start(onehot.shape[1], live, args.rank, float(y.mean()), seed)
         marks, final, its, took = fit(loss_and_grad, x0, args.iterations, args.memory, args.every)
