@@ -1257,13 +1257,25 @@ def _implreg() -> list[str]:
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 ENV.pop("IMPLREG_DATA_DIR", None)
 
+# Run the command as a terminal would: SIGINT at its default.  Under `nohup` or a shell's
+# `&` the test process (and every child) inherits SIGINT *ignored*, and implreg rightly
+# keeps an ignored SIGINT ignored, so a Ctrl-C test would see the run finish with 0.
+# A signal set to its default survives exec (unlike a Python handler), hence this shim.
+_DEFAULT_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
 
 class Proc:
-    """A command line in its own session, its output collected by threads."""
+    """A command line in its own session, SIGINT at its default, its output collected by
+    threads."""
 
     def __init__(self, args, cwd: Path):
         self.p = subprocess.Popen(
-            [*_implreg(), *map(str, args)],
+            [*_DEFAULT_SIGINT, *_implreg(), *map(str, args)],
             cwd=cwd,
             env=ENV,
             stdout=subprocess.PIPE,
