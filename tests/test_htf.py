@@ -383,10 +383,10 @@ INVALID_SPECS = [
     (4, "((1,2),(3,4),4)", "mode 4 twice"),
     (4, "((0,1),(2,3),4)", "mode 0 (1-based modes)"),
     (4, "((1,2),(3,4),5)", "mode N+1"),
-    # Python tuple text: "(1,)" is a one-member group ("(1)" is just 1 in parentheses)
-    (3, "((1,),(2,3))", "a node with one child"),
-    (3, "(((1,2),),3)", "a node with one child (wrapping)"),
+    # Python tuple text: "(1,)" is a one-member group ("(1)" is just 1 in parentheses);
+    # a one-child node is allowed below the root (tests/test_htf_one_child.py), not as it
     (2, "((1,2),)", "a root with one child"),
+    (3, "(((1,2),3),)", "a root with one child (wrapping)"),
     (4, "((1,2),(3,4)", "missing closing parenthesis"),
     (4, "((1,2),(3,4)))", "extra closing parenthesis"),
     (4, "((1,2)(3,4)", "unbalanced and no comma"),

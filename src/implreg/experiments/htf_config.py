@@ -45,7 +45,9 @@ class HTFDynamicsConfig(FlowOptions, GDOptions):
 
     dims: tuple[int, ...] = param((16, 16, 16, 16), ge=1, min_len=2, doc="mode sizes")
     tree: str = param(
-        "adjacent", doc="mode tree: adjacent, adjacent:P, interleaved or groups like ((1,2),(3,4))"
+        "adjacent",
+        doc="mode tree: adjacent, adjacent:P, checkerboard (the authors'), checkerboard:P, "
+        "interleaved or groups like ((1,2),(3,4)); (3,) is a node with one child",
     )
     widths: tuple[int, ...] = param((512, 512), ge=1, doc="local components per level (or one)")
     gt_widths: tuple[int, ...] = param((5, 5), ge=1, doc="ground truth widths (HT ranks)")

@@ -66,6 +66,8 @@ __all__ = [
 def _nested_text(item) -> str:
     if isinstance(item, int):
         return str(item + 1)
+    if len(item) == 1:  # a one-child node, written as Python writes a one-element tuple
+        return "(" + _nested_text(item[0]) + ",)"
     return "(" + ",".join(_nested_text(c) for c in item) + ")"
 
 
@@ -77,6 +79,11 @@ class ModeTree:
     first (node ``n`` is ``(n,)``), then the internal nodes with children
     before parents, and the root (every mode) last.  ``children[v]`` lists the
     children of ``v`` in order (empty for leaves).
+
+    A non-root internal node may have a single child: it holds its own ``R_v x R_parent``
+    matrix over the same modes, as the authors' implementation gives a mode left alone by
+    the pooling at odd orders (order 3: ``((1,2),(3,))``, see :meth:`checkerboard`).  The
+    root needs at least two children.
     """
 
     order: int
@@ -95,10 +102,11 @@ class ModeTree:
             if isinstance(item, int):
                 modes.append(item)
                 return
-            if len(item) < 2:
+            if not item:
+                raise ValueError("a group of a mode tree cannot be empty")
+            if depth == 0 and len(item) < 2:
                 raise ValueError(
-                    "every group of a mode tree needs at least two members, "
-                    f"got {_nested_text(item)}"
+                    f"the root of a mode tree needs at least two children, got {_nested_text(item)}"
                 )
             for c in item:
                 collect(c, depth + 1)
@@ -154,6 +162,20 @@ class ModeTree:
         return cls.from_nested(level[0])
 
     @classmethod
+    def checkerboard(cls, order: int, pool: int = 2) -> ModeTree:
+        """The authors' default tree (asafmaman101/imp_reg_htf, pool pattern "checkerboard"):
+        adjacent nodes merged in groups of ``pool`` per level, and a node left alone at a
+        level kept as a one-child node with its own matrix (order 3: ``((1,2),(3,))``;
+        order 5: ``(((1,2),(3,4)),((5,),))``).  Equal to :meth:`adjacent` when ``order``
+        is a power of ``pool``."""
+        order = _check_int("order", order, minimum=2)
+        pool = _check_int("pool", pool, minimum=2)
+        level: list = list(range(order))
+        while len(level) > 1:
+            level = [tuple(level[s : s + pool]) for s in range(0, len(level), pool)]
+        return cls.from_nested(level[0])
+
+    @classmethod
     def interleaved(cls, order: int) -> ModeTree:
         """Mode ``i`` paired with mode ``i + N/2`` at the first level, then adjacent pairs."""
         order = _check_int("order", order, minimum=2)
@@ -170,40 +192,43 @@ class ModeTree:
 
     @classmethod
     def parse(cls, spec: str, order: int) -> ModeTree:
-        """``"adjacent"``, ``"adjacent:P"`` (pool ``P``), ``"interleaved"``, or nested 1-based
-        groups such as ``"((1,2),(3,4))"``."""
+        """``"adjacent"``, ``"adjacent:P"`` (pool ``P``), ``"checkerboard"``,
+        ``"checkerboard:P"``, ``"interleaved"``, or nested 1-based groups such as
+        ``"((1,2),(3,4))"``; a one-child node is written ``(3,)`` or ``[3]``."""
         if not isinstance(spec, str):
             raise TypeError(f"tree must be a string, got {type(spec).__name__}")
         order = _check_int("order", order, minimum=2)
         text = spec.strip()
-        if text == "adjacent":
-            return cls.adjacent(order)
-        if text.startswith("adjacent:"):
-            try:
-                pool = int(text.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(
-                    f"tree {spec!r}: the pool after 'adjacent:' must be an integer"
-                ) from None
-            if pool < 2:
-                raise ValueError(f"tree {spec!r}: the pool must be at least 2")
-            return cls.adjacent(order, pool)
+        for kind, build in (("adjacent", cls.adjacent), ("checkerboard", cls.checkerboard)):
+            if text == kind:
+                return build(order)
+            if text.startswith(f"{kind}:"):
+                try:
+                    pool = int(text.split(":", 1)[1])
+                except ValueError:
+                    raise ValueError(
+                        f"tree {spec!r}: the pool after '{kind}:' must be an integer"
+                    ) from None
+                if pool < 2:
+                    raise ValueError(f"tree {spec!r}: the pool must be at least 2")
+                return build(order, pool)
         if text == "interleaved":
             return cls.interleaved(order)
         if not text:
             raise ValueError(
-                "tree is empty; use adjacent, interleaved or nested groups like ((1,2),(3,4))"
+                "tree is empty; use adjacent, checkerboard, interleaved or nested groups like "
+                "((1,2),(3,4))"
             )
         try:
-            nested = ast.literal_eval(text.replace("[", "(").replace("]", ")"))
+            nested = ast.literal_eval(text)
         except (SyntaxError, ValueError, MemoryError, RecursionError):
             raise ValueError(
-                f"tree {spec!r} is neither adjacent, adjacent:P, interleaved nor nested groups "
-                "of 1-based modes like ((1,2),(3,4))"
+                f"tree {spec!r} is neither adjacent, adjacent:P, checkerboard, checkerboard:P, "
+                "interleaved nor nested groups of 1-based modes like ((1,2),(3,4))"
             ) from None
 
         def shift(item):
-            if isinstance(item, bool) or not isinstance(item, (int, tuple)):
+            if isinstance(item, bool) or not isinstance(item, (int, tuple, list)):
                 raise ValueError(f"tree {spec!r} holds {item!r}, which is not a mode number")
             return item - 1 if isinstance(item, int) else tuple(shift(c) for c in item)
 
@@ -262,8 +287,13 @@ class ModeTree:
         return _nested_text(self.nested())
 
     def node_text(self, v: int) -> str:
-        """A node's modes as the paper writes them, e.g. ``{1,2}``."""
-        return "{" + ",".join(str(m + 1) for m in self.nodes[v]) + "}"
+        """A node's modes as the paper writes them, e.g. ``{1,2}``; a one-child node gets a
+        prime per one-child level below it (``{3}'`` above leaf ``{3}``), so labels stay
+        distinct."""
+        primes, u = 0, v
+        while len(self.children[u]) == 1:
+            primes, u = primes + 1, self.children[u][0]
+        return "{" + ",".join(str(m + 1) for m in self.nodes[v]) + "}" + "'" * primes
 
     def resolve_widths(self, widths) -> tuple[int, ...]:
         """One width (number of local components) per internal node, in ``internal`` order.
