@@ -46,7 +46,12 @@ def test_balanced_htf_init_is_balanced_at_every_node():
 
     from implreg.factorizations.htf import ModeTree, htf_unbalancedness
 
-    for spec, order, dims in (("adjacent", 4, (3, 3, 3, 3)), ("adjacent", 8, (2,) * 8)):
+    for spec, order, dims in (
+        ("adjacent", 4, (3, 3, 3, 3)),
+        ("adjacent", 8, (2,) * 8),
+        ("checkerboard", 3, (3, 3, 3)),
+        ("checkerboard", 5, (2,) * 5),
+    ):
         tree = ModeTree.parse(spec, order)
         params = checks.balanced_htf(tree, dims, 3, 0.5, torch.Generator().manual_seed(1))
         assert float(htf_unbalancedness(params, tree)[0]) < 1e-12
@@ -79,3 +84,21 @@ def test_out_that_is_a_file_is_refused_before_any_check(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "taken" in err and len(err.strip().splitlines()) == 1
     assert target.read_text() == "mine"
+
+
+def test_the_order3_checks_hold_each_node_to_its_own_k(monkeypatch):
+    """The authors' order-3 tree ((1,2),(3,)) has a one-child node {3}' (K = 2: a matrix
+    factorization's sigma^1) beside K = 3 nodes; from a Gaussian init the identity is far
+    off, and holding {3}' to K = 3 as well breaks it from the balanced init."""
+    res = checks.check_htf_corollary(balanced=False, samples=3, order=3, spec="checkerboard", m=20)
+    assert not res.passed and res.measured > 100 * res.tolerance
+    assert checks.check_htf_corollary_odd(samples=3).passed
+
+    own_k = checks._node_axes
+
+    def all_three(tree, width):
+        return own_k(tree, width) * 0 + 3.0
+
+    monkeypatch.setattr(checks, "_node_axes", all_three)
+    wrong = checks.check_htf_corollary_odd(samples=3)
+    assert not wrong.passed and wrong.measured > 100 * wrong.tolerance

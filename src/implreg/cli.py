@@ -224,7 +224,7 @@ def _cmd_check(args) -> int:
 
     if args.list:
         for name, fn in CHECKS.items():
-            print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            print(f"{name:20s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     names = None
     if args.only:
