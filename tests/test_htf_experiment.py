@@ -510,7 +510,8 @@ BAD = [
     ("htf-dynamics", ["tree=((1,2),(3,5))"], "tree", "mode 5 is not one of 1..4"),
     ("htf-dynamics", ["tree=((1,2),3)"], "tree", "covers 3 modes but the tensor has 4"),
     ("htf-dynamics", ["tree=((1,2),(2,3))"], "tree", "mode 2 appears twice"),
-    ("htf-dynamics", ["tree=((1,),(2,3,4))"], "tree", "at least two members"),
+    ("htf-dynamics", ["tree=((1,2,3,4),)"], "tree", "root of a mode tree needs at least two"),
+    ("htf-dynamics", ["tree=((1,2),(3,4),())"], "tree", "cannot be empty"),
     ("htf-dynamics", ["tree=((1,2),(3,4))", "dims=4,4,4"], "tree", "tensor has 3"),
     ("htf-dynamics", ["tree=((1,2),(3,4),(5,6))"], "tree", "covers 6 modes"),
     ("htf-dynamics", ["tree=interleaved", "dims=4,4,4"], "tree", "even order"),
@@ -733,7 +734,10 @@ def test_the_trio_mf_panel_starts_from_the_authors_layer_init_and_step():
     assert abs(float(entries.mean())) < 1e-4
 
 
-@pytest.mark.parametrize(("dims", "tree"), [((3, 4, 5), "adjacent"), ((3, 4, 2, 3), "interleaved")])
+@pytest.mark.parametrize(
+    ("dims", "tree"),
+    [((3, 4, 5), "adjacent"), ((3, 4, 2, 3), "interleaved"), ((3, 4, 5), "checkerboard")],
+)
 def test_cp_truth_is_the_cp_tensor_of_its_leaves(dims, tree):
     """``gt_type=cp``: the end tensor is sum_r a_r^1 (x) ... (x) a_r^N of the leaves (the
     definition, by einsum), at the asked norm, of CP rank at most ``rank`` over the tree."""
@@ -757,3 +761,28 @@ def test_gt_type_cp_takes_one_rank_and_counts_it():
     bad = with_overrides(PRESETS["htf-dynamics"].config, {"gt_type": "cp", "gt_widths": (5, 3)})
     with pytest.raises(Exception, match="gt_type=cp takes one CP rank"):
         bad.check()
+
+
+def test_a_run_on_the_authors_order3_tree(tmp_path):
+    """tree=checkerboard at order 3 is ((1,2),(3,)): the one-child node {3}' has its own
+    local norms; its matricization is leaf {3}'s (listed once, as {1,2} and {1,3} are the
+    complements of {3} and {2})."""
+    cfg = with_overrides(
+        _tiny("htf-dynamics"),
+        {
+            "dims": (3, 3, 3),
+            "tree": "checkerboard",
+            "widths": (4, 4),
+            "gt_widths": (2, 2),
+            "num_observations": 12,
+            "num_test": 6,
+        },
+    )
+    run = run_config(cfg, tmp_path / "r")
+    assert run.exit_code == 0 and run.summary["tree"] == "((1,2),(3,))"
+    data = _hierarchy(run)
+    assert {k for k in data if k.startswith("local ")} == {"local {1,2}", "local {3}'"}
+    assert data["local {3}'"].shape == (data["iterations"].size, len(cfg.init_stds), 4)
+    for r in run.summary["runs"]:
+        assert set(r["nodes"]) == {"{1,2}", "{3}'"}
+        assert set(r["spectra"]) == {"{1}", "{2}", "{3}"}
