@@ -280,6 +280,9 @@ def test_a_configuration_run_twice_is_copied_not_recomputed(tmp_path, monkeypatc
         PRESETS, "dynamics-mf-tf-htf", dataclasses.replace(trio, tiny={**trio.tiny, "htf": same})
     )
     lines: list[str] = []
+    stale = tmp_path / "runs" / ".htf-dynamics.copying"  # a copy cut short by a kill -9
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{half")
     report = build_report(
         tmp_path,
         "tiny",
