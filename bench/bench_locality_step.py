@@ -18,7 +18,9 @@ SGD (lr 0.01, momentum 0.9, the published optimizer):
    Pathfinder value) and a fresh pair of non-overlapping 2 x 2 patches every step
    (``sample_pathfinder_patches``), backward, SGD step -- the published semantics (two
    separate passes, so BatchNorm statistics are those of ``x`` and of ``x'``);
-3. with ``--fused``, a bench-only variant that pushes ``x`` and ``x'`` through the
+3. regularized, native BN: the same step with ``implreg.cnn.batchnorm.CLOSED_FORM`` off,
+   i.e. PyTorch's own BatchNorm double backward (the closed form's reference);
+4. with ``--fused``, a bench-only variant that pushes ``x`` and ``x'`` through the
    network as one batch of 2B.  It is *not* the published computation (BatchNorm
    statistics over the 2B batch) and is only here to show whether it would pay off.
 
@@ -31,27 +33,29 @@ target ratio <= 5, and "others" = CPU cores other processes used meanwhile (medi
     python bench/bench_locality_step.py                  # ~1 minute on 2 cores
     python bench/bench_locality_step.py --threads 1 --fused --profile
 
-Measured on the project's 2-core machine (torch 2.13 CPU; rounds where "others" was
-near 0; medians):
+Measured on the project's 2-core machine (torch 2.13 CPU; 2026-12-02, three rounds, one
+quiet session; medians; "native BN" is the same regularized step with PyTorch's own
+BatchNorm double backward instead of ``implreg.cnn.batchnorm``'s closed form):
 
-=================  =======  ============  ============  ============  =========
-network            threads  plain ms/img  reg. ms/img   reg./plain    fused 2B
-=================  =======  ============  ============  ============  =========
-ResNet18 w16       2        1.6-2.2       9.0-12.8      5.4-5.9       6.3-7.0
-ResNet18 w16       1        3.0           16.6          5.3-5.5
-SmallCNN w32 d4    2        0.32-0.41     2.3-2.9       7.0-7.4       8.1-8.3
-SmallCNN w32 d4    1        0.58          3.9           6.8-7.0
-=================  =======  ============  ============  ============  =========
+=================  =======  ============  ============  ============  ==============
+network            threads  plain ms/img  reg. ms/img   reg./plain    native BN
+=================  =======  ============  ============  ============  ==============
+ResNet18 w16       2        1.42          7.80          5.48          6.45
+ResNet18 w16       1        2.63          14.21         5.40          6.55
+SmallCNN w32 d4    2        0.27          1.80          6.61          8.74
+SmallCNN w32 d4    1        0.52          3.27          6.27          8.32
+=================  =======  ============  ============  ============  ==============
 
-The target ratio <= 5 is not met, and nothing cheap was found to change that.  The
+The target ratio <= 5 is not met.  The
 published computation has a floor near 6 forwards per plain step's 2 (here a backward
 costs about one forward): per pass (``x`` and ``x'``) a forward, a ``create_graph``
 backward to the input, and a double backward through both (about four forward-costs,
 since with BatchNorm in train mode the input gradient depends on the activations
 through the batch statistics, so the double backward also traverses the forward
 graph).  torch.profiler on the ResNet18 step: convolutions ~57% (forward kernels and
-``convolution_backward``), BatchNorm's double backward ~27% (mostly elementwise
-``mul``/``sum``/``sub`` on full activations), the rest elementwise.  Tried and
+``convolution_backward``), PyTorch's BatchNorm double backward ~27% (40% of the small
+CNN's step; mostly elementwise ``mul``/``sum``/``sub`` on full activations), which the
+closed form of ``implreg.cnn.batchnorm`` cuts to 13% of the small CNN's step.  Tried and
 rejected: one concatenated batch of 2B (slower, 6.3-7.0x, and it changes the BatchNorm
 statistics), BatchNorm written as composite ops so that autograd differentiates it
 (ResNet 5.5x vs 5.1x native in the same one-thread run), channels-last memory format
@@ -77,6 +81,7 @@ from timing import rate
 from implreg.cnn import (
     ResNet18,
     SmallCNN,
+    batchnorm,
     count_parameters,
     regularized_loss,
     sample_pathfinder_patches,
@@ -127,6 +132,15 @@ def make_steps(model: torch.nn.Module, x, y, lam: float, fused: bool):
         regularized_loss(model, x, y, lam, pi, pj)[0].backward()
         opt.step()
 
+    def regularized_native() -> None:
+        # the same step with PyTorch's own BatchNorm double backward (the reference for
+        # implreg.cnn.batchnorm's closed form)
+        batchnorm.CLOSED_FORM = False
+        try:
+            regularized()
+        finally:
+            batchnorm.CLOSED_FORM = True
+
     def fused_2b() -> None:
         # Not the published semantics: BatchNorm sees x and x' as one batch of 2B.
         opt.zero_grad(set_to_none=True)
@@ -139,7 +153,11 @@ def make_steps(model: torch.nn.Module, x, y, lam: float, fused: bool):
         (F.binary_cross_entropy_with_logits(logits[:b], yf) + lam * penalty).backward()
         opt.step()
 
-    steps = [("plain", plain), ("regularized", regularized)]
+    steps = [
+        ("plain", plain),
+        ("regularized", regularized),
+        ("regularized, native BN", regularized_native),
+    ]
     return steps + ([("fused 2B (not published)", fused_2b)] if fused else [])
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from implreg.cnn.batchnorm import BatchNorm2d
 from implreg.config import ConfigError
 
 __all__ = ["ResNet18", "SmallCNN", "build_model", "count_parameters"]
@@ -71,14 +72,14 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = _conv3x3(cin, cout, stride)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = BatchNorm2d(cout)
         self.conv2 = _conv3x3(cout, cout)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), BatchNorm2d(cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +111,13 @@ class ResNet18(nn.Module):
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(width),
+                BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         else:
             self.stem = nn.Sequential(
-                _conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+                _conv3x3(in_channels, width), BatchNorm2d(width), nn.ReLU(inplace=True)
             )
         stages, cin = [], width
         for i, mult in enumerate((1, 2, 4, 8)):
@@ -156,7 +157,7 @@ class SmallCNN(nn.Module):
             cin = in_channels if i == 0 else width
             layers += [
                 _conv3x3(cin, width, 1 if i == 0 else 2),
-                nn.BatchNorm2d(width),
+                BatchNorm2d(width),
                 nn.ReLU(inplace=True),
             ]
         self.features = nn.Sequential(*layers)

@@ -31,6 +31,10 @@ published implementation computes (one batched double backward per pass), and wh
 this module computes.  Each of the two forward passes (``x`` and ``x'``) also updates
 the BatchNorm running statistics.  In eval mode (or without BatchNorm) ``g(x)_b`` is
 exactly the per-sample gradient.
+
+The passes run inside :func:`implreg.cnn.batchnorm.double_backward`, so the networks'
+:class:`~implreg.cnn.batchnorm.BatchNorm2d` layers differentiate twice by a closed form
+(equal to PyTorch's batch norm to rounding, 1.2-1.3x faster regularized steps).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from implreg.cnn.batchnorm import double_backward
 from implreg.config import ConfigError
 
 __all__ = [
@@ -119,7 +124,7 @@ def _logits_and_input_grad(
     Grad mode is switched on for the pass, so this also works under ``torch.no_grad()``.
     """
     xr = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), double_backward():
         logits = model(xr)
         (g,) = torch.autograd.grad(logits.sum(), xr, create_graph=create_graph)
     return logits, g
