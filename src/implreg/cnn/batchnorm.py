@@ -20,9 +20,11 @@ and for cotangents ``(ggI, ggγ, ggβ)`` of ``(gI, gγ, gβ)`` the double backwa
     ∂/∂x  = -(γ r² Q / N) x̂ - γ r² (⟨gO x̂⟩ P(ggI) + ⟨ggI x̂⟩ P(gO)) + ggγ r P(gO)
 
 (the last from ``δx̂ = r P(δx)`` and ``δσ = ⟨x̂ δx⟩``).  Every output is an affine
-combination of ``ggI``, ``gO`` and ``x`` with per-channel coefficients, after five
-per-channel reductions (``Σ ggI``, ``Σ ggI x``, ``Σ gO``, ``Σ gO x``, ``Σ ggI gO``), so
-it takes a handful of passes over the activations instead of dozens.  Values and
+combination of ``ggI``, ``gO`` and ``x`` with per-channel coefficients, after three
+per-channel reductions (``Σ ggI``, ``Σ ggI x``, ``Σ ggI gO``; ``Σ gO`` and ``Σ gO x̂`` are
+``gβ`` and ``gγ`` of the first backward), so it takes a handful of passes over the
+activations instead of dozens.  The forward and the first backward are ATen's native
+kernels.  Values and
 gradients equal the native ones to rounding (``tests/test_cnn_batchnorm.py``:
 ``gradcheck`` / ``gradgradcheck`` in float64 and the native double backward).
 
@@ -62,7 +64,7 @@ def double_backward():
 
 def _c(v: Tensor) -> Tensor:
     """A per-channel vector ``(C,)`` shaped to broadcast over ``(B, C, H, W)``."""
-    return v.view(1, -1, *([1] * 2))
+    return v.view(1, -1, 1, 1)
 
 
 def _csum(a: Tensor, b: Tensor | None = None) -> Tensor:
