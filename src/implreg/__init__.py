@@ -7,12 +7,17 @@ seeds and aggregates.  The registry of presets is
 :data:`implreg.experiments.PRESETS`.
 """
 
+from implreg.allocator import retain_freed_memory as _retain_freed_memory
 from implreg.threads import prefer_passive_wait as _prefer_passive_wait
 
 # Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set):
 # measured in bench/bench_threads.py, it keeps multi-threaded steps from stalling
 # beside a busy process and changes no numbers.  Effective only before torch loads.
 _prefer_passive_wait()
+# Freed tensors' memory stays in the process (glibc mallopt; IMPLREG_MALLOC=system keeps
+# the defaults): re-faulting it every step cost a third of the regularized CNN step
+# (implreg.allocator).  Changes no numbers.
+_retain_freed_memory()
 
 __version__ = "0.1.0"
 
