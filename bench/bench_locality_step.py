@@ -18,36 +18,57 @@ SGD (lr 0.01, momentum 0.9, the published optimizer):
    Pathfinder value) and a fresh pair of non-overlapping 2 x 2 patches every step
    (``sample_pathfinder_patches``), backward, SGD step -- the published semantics (two
    separate passes, so BatchNorm statistics are those of ``x`` and of ``x'``);
-3. regularized, native BN: the same step with ``implreg.cnn.batchnorm.CLOSED_FORM`` off,
-   i.e. PyTorch's own BatchNorm double backward (the closed form's reference);
+3. regularized, native conv (and + BN): the same step with ``implreg.cnn.conv.FAST``
+   off (and ``implreg.cnn.batchnorm.CLOSED_FORM`` off), i.e. PyTorch's own double
+   backward of the convolutions (and of BatchNorm): the closed forms' references;
 4. with ``--fused``, a bench-only variant that pushes ``x`` and ``x'`` through the
    network as one batch of 2B.  It is *not* the published computation (BatchNorm
    statistics over the 2B batch) and is only here to show whether it would pay off.
 
-for two networks: ``ResNet18(width=16, stem="small")`` and ``SmallCNN(width=32,
-depth=4)``.  Printed: ms/step (min/median/max over rounds), ms/image (from the median),
-the ratio regularized/plain from the medians (and from the best rounds) against the
-target ratio <= 5, and "others" = CPU cores other processes used meanwhile (median).
+for three networks: ``ResNet18(width=16, stem="small")``, ``SmallCNN(width=32,
+depth=4)`` and the cpu-scale presets' ``SmallCNN(width=16, depth=5)``. Printed: ms/step
+(min/median/max over rounds), ms/image (from the median), the ratio regularized/plain
+from the medians (and from the best rounds) against the target ratio <= 5, and "others"
+= CPU cores other processes used meanwhile (median).
 ``--profile`` adds a torch.profiler table of the regularized step per network.
 
-    python bench/bench_locality_step.py                  # ~1 minute on 2 cores
+    python bench/bench_locality_step.py                  # ~2 minutes on 2 cores
     python bench/bench_locality_step.py --threads 1 --fused --profile
 
-Measured on the project's 2-core machine (torch 2.13 CPU; 2026-12-02, three rounds, one
-quiet session; medians; "native BN" is the same regularized step with PyTorch's own
-BatchNorm double backward instead of ``implreg.cnn.batchnorm``'s closed form):
+Measured on the project's 2-core machine (torch 2.13 CPU; 2026-12-02 after
+``implreg.cnn.conv`` and ``implreg.allocator``; medians of the rounds; "native conv" is
+the same step with PyTorch's convolution double backward, "native conv + BN" also with
+its BatchNorm double backward, i.e. PyTorch's own computation).  The machine's speed
+varied up to 2x between rounds that afternoon (other tenants of the host; the "others"
+column stayed at 0.01), so the table gives the range of the medians over two runs
+(3 and 5 rounds; the last row of each network with ``IMPLREG_MALLOC=system``):
 
-=================  =======  ============  ============  ============  ==============
-network            threads  plain ms/img  reg. ms/img   reg./plain    native BN
-=================  =======  ============  ============  ============  ==============
-ResNet18 w16       2        1.42          7.80          5.48          6.45
-ResNet18 w16       1        2.63          14.21         5.40          6.55
-SmallCNN w32 d4    2        0.27          1.80          6.61          8.74
-SmallCNN w32 d4    1        0.52          3.27          6.27          8.32
-=================  =======  ============  ============  ============  ==============
+=======================  =======  ============  ==========  ===========  ==============
+network                  threads  plain ms/img  reg./plain  native conv  native conv+BN
+=======================  =======  ============  ==========  ===========  ==============
+ResNet18 w16             2        1.01-1.38     4.56-4.68   4.74-5.30    5.09-6.26
+ResNet18 w16             1        1.88-2.19     4.23-5.11   4.58-4.95    4.91-5.92
+ResNet18 w16, glibc      1        2.05-2.36     3.71-5.06   4.37-5.49    4.90-6.30
+SmallCNN w32 d4          2        0.22-0.27     5.20-5.26   6.09-6.34    7.48-8.51
+SmallCNN w32 d4          1        0.42-0.43     5.63-5.69   5.63-7.33    7.07-7.96
+SmallCNN w32 d4, glibc   1        0.40-0.41     4.59-4.92   6.04-6.20    7.14-8.07
+SmallCNN w16 d5 (preset) 2        0.12-0.19     4.93-5.85   5.78-6.38    6.75-7.00
+SmallCNN w16 d5 (preset) 1        0.20-0.22     4.62-4.64   5.78-6.22    6.74-7.59
+SmallCNN w16 d5, glibc   1        0.20          4.87-5.33   5.75-5.86    6.59-7.07
+=======================  =======  ============  ==========  ===========  ==============
 
-The target ratio <= 5 is not met.  The
-published computation has a floor near 6 forwards per plain step's 2 (here a backward
+Before ``implreg.cnn.conv`` (same bench, 2026-12-02 morning, quiet): ResNet18 5.48 (2
+threads) / 5.40 (1), SmallCNN w32 6.61 / 6.27. The target ratio <= 5 is met for the
+published network (ResNet18), 3.7-4.7, except in the noisiest run (5.06-5.11), and not
+reliably for the small CNNs (4.6-5.9; best rounds 4.2-5.5). The convolutions' closed
+form takes 1.1-1.3x off the regularized step (the ATen weight-gradient kernel instead of
+a convolution of transposed tensors; the one-channel first layer's input gradient by
+``F.fold``; no gradient for the regularizer's private copy of the batch). The
+allocator's effect depends on how expensive the VM's page faults are at the moment: 792
+against 589 ms per ResNet18 step (384k against 172k minor faults in 10 steps,
+``/usr/bin/time -v``) in one measurement, within noise in others.
+
+The published computation has a floor near 6 forwards per plain step's 2 (here a backward
 costs about one forward): per pass (``x`` and ``x'``) a forward, a ``create_graph``
 backward to the input, and a double backward through both (about four forward-costs,
 since with BatchNorm in train mode the input gradient depends on the activations
@@ -78,10 +99,12 @@ import torch
 import torch.nn.functional as F
 from timing import rate
 
+from implreg.allocator import retained
 from implreg.cnn import (
     ResNet18,
     SmallCNN,
     batchnorm,
+    conv,
     count_parameters,
     regularized_loss,
     sample_pathfinder_patches,
@@ -132,14 +155,17 @@ def make_steps(model: torch.nn.Module, x, y, lam: float, fused: bool):
         regularized_loss(model, x, y, lam, pi, pj)[0].backward()
         opt.step()
 
-    def regularized_native() -> None:
-        # the same step with PyTorch's own BatchNorm double backward (the reference for
-        # implreg.cnn.batchnorm's closed form)
-        batchnorm.CLOSED_FORM = False
-        try:
-            regularized()
-        finally:
-            batchnorm.CLOSED_FORM = True
+    def with_native(conv_native: bool, bn_native: bool) -> Callable[[], None]:
+        # the same step with PyTorch's own double backward of the convolutions and/or of
+        # BatchNorm (the references of implreg.cnn.conv and implreg.cnn.batchnorm)
+        def step() -> None:
+            conv.FAST, batchnorm.CLOSED_FORM = not conv_native, not bn_native
+            try:
+                regularized()
+            finally:
+                conv.FAST, batchnorm.CLOSED_FORM = True, True
+
+        return step
 
     def fused_2b() -> None:
         # Not the published semantics: BatchNorm sees x and x' as one batch of 2B.
@@ -156,7 +182,8 @@ def make_steps(model: torch.nn.Module, x, y, lam: float, fused: bool):
     steps = [
         ("plain", plain),
         ("regularized", regularized),
-        ("regularized, native BN", regularized_native),
+        ("regularized, native conv", with_native(True, False)),
+        ("reg., native conv + BN", with_native(True, True)),
     ]
     return steps + ([("fused 2B (not published)", fused_2b)] if fused else [])
 
@@ -180,7 +207,9 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=3.0, help="penalty weight (> 0)")
     ap.add_argument("--fused", action="store_true", help="add the bench-only 2B variant")
     ap.add_argument("--profile", action="store_true", help="profile the regularized step")
-    ap.add_argument("--models", default="resnet18,cnn", help="comma-separated: resnet18, cnn")
+    ap.add_argument(
+        "--models", default="resnet18,cnn,preset", help="comma-separated: resnet18, cnn, preset"
+    )
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -188,7 +217,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}; threads {torch.get_num_threads()}, usable cores {affinity}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator: "
+        + ("freed memory retained (implreg.allocator)" if retained() else "glibc's defaults")
     )
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, 1, SIDE, SIDE, generator=g)
@@ -196,6 +226,10 @@ def main() -> None:
     builders = {
         "resnet18": ("ResNet18 width 16, small stem", lambda: ResNet18(1, 16, stem="small")),
         "cnn": ("SmallCNN width 32, depth 4", lambda: SmallCNN(1, 32, depth=4)),
+        "preset": (
+            "SmallCNN width 16, depth 5 (the cpu-scale presets' network)",
+            lambda: SmallCNN(1, 16, depth=5),
+        ),
     }
     torch.manual_seed(0)
     for key in args.models.split(","):
@@ -216,13 +250,13 @@ def main() -> None:
             f"{args.seconds:g} s (timed part {time.perf_counter() - start:.0f} s)"
         )
         print(
-            f"{'variant':<26} {'min':>8} {'median':>8} {'max':>8}  ms/step  "
+            f"{'variant':<28} {'min':>8} {'median':>8} {'max':>8}  ms/step  "
             f"{'ms/image':>8} {'others':>6}"
         )
         med = {n: statistics.median(v) for n, v in res.items()}
         for name, v in res.items():
             print(
-                f"{name:<26} {min(v):8.1f} {med[name]:8.1f} {max(v):8.1f}  ms/step  "
+                f"{name:<28} {min(v):8.1f} {med[name]:8.1f} {max(v):8.1f}  ms/step  "
                 f"{med[name] / BATCH:8.2f} {statistics.median(oth[name]):6.2f}"
             )
         for name in res:

@@ -9,7 +9,8 @@ locality; an explicit penalty on the input gradient counters it.
 
 :mod:`implreg.cnn.models` holds the networks (a ResNet18 topology and a small plain
 CNN, in plain PyTorch); :mod:`implreg.cnn.regularizer` the penalty, the regularized
-loss and the patch samplers of the two published tasks.
+loss and the patch samplers of the two published tasks; :mod:`implreg.cnn.batchnorm`
+and :mod:`implreg.cnn.conv` the layers' closed-form double backwards the penalty uses.
 """
 
 from __future__ import annotations

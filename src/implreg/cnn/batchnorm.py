@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNorm2d", "batch_norm_train", "double_backward"]
+__all__ = ["BatchNorm2d", "batch_norm_train", "double_backward", "double_backward_active"]
 
 Tensor = torch.Tensor
 _STATE = threading.local()
@@ -60,6 +60,11 @@ def double_backward():
         yield
     finally:
         _STATE.active = before
+
+
+def double_backward_active() -> bool:
+    """Whether this thread is inside :func:`double_backward`."""
+    return getattr(_STATE, "active", False)
 
 
 def _c(v: Tensor) -> Tensor:
@@ -167,7 +172,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if (
             CLOSED_FORM
-            and getattr(_STATE, "active", False)
+            and double_backward_active()
             and self.training
             and self.affine
             and self.track_running_stats

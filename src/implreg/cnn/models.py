@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from implreg.cnn.batchnorm import BatchNorm2d
+from implreg.cnn.conv import Conv2d
 from implreg.config import ConfigError
 
 __all__ = ["ResNet18", "SmallCNN", "build_model", "count_parameters"]
@@ -46,7 +47,7 @@ def _check_stem(stem) -> str:
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -79,7 +80,7 @@ class BasicBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), BatchNorm2d(cout)
+                Conv2d(cin, cout, 1, stride=stride, bias=False), BatchNorm2d(cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ResNet18(nn.Module):
         self.num_outputs = num_outputs
         if stem == "imagenet":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+                Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
                 BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),

@@ -33,8 +33,11 @@ the BatchNorm running statistics.  In eval mode (or without BatchNorm) ``g(x)_b`
 exactly the per-sample gradient.
 
 The passes run inside :func:`implreg.cnn.batchnorm.double_backward`, so the networks'
-:class:`~implreg.cnn.batchnorm.BatchNorm2d` layers differentiate twice by a closed form
-(equal to PyTorch's batch norm to rounding, 1.2-1.3x faster regularized steps).
+:class:`~implreg.cnn.batchnorm.BatchNorm2d` and :class:`~implreg.cnn.conv.Conv2d` layers
+differentiate twice by closed forms (equal to PyTorch's to rounding; together 1.2-1.6x
+faster regularized steps, ``bench/bench_locality_step.py``), and the detached copy of the
+batch the input gradient is taken at gets no gradient from the training loss's backward
+(:func:`implreg.cnn.conv.private_input`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from implreg.cnn.batchnorm import double_backward
+from implreg.cnn.conv import private_input
 from implreg.config import ConfigError
 
 __all__ = [
@@ -124,7 +128,7 @@ def _logits_and_input_grad(
     Grad mode is switched on for the pass, so this also works under ``torch.no_grad()``.
     """
     xr = x.detach().requires_grad_(True)
-    with torch.enable_grad(), double_backward():
+    with torch.enable_grad(), double_backward(), private_input(xr):
         logits = model(xr)
         (g,) = torch.autograd.grad(logits.sum(), xr, create_graph=create_graph)
     return logits, g
