@@ -1,13 +1,12 @@
 """``implreg.cnn.batchnorm``: the closed-form double backward of train-mode batch norm.
 
 Checked against ``torch.autograd.gradcheck`` / ``gradgradcheck`` (float64) and against
-PyTorch's own batch norm: values, first and second derivatives, running statistics, and
-the locality penalty's parameter gradient through whole networks.
+PyTorch's own batch norm: values, first and second derivatives and running statistics
+(the locality penalty's gradient through whole networks: ``tests/test_cnn_conv.py``).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.autograd import gradcheck, gradgradcheck
 
-from implreg.cnn import ResNet18, SmallCNN, batchnorm, regularized_loss, sample_pathfinder_patches
+from implreg.cnn import batchnorm
 from implreg.cnn.batchnorm import BatchNorm2d, batch_norm_train, double_backward
 
 F64 = torch.float64
@@ -98,31 +97,5 @@ def test_outside_the_block_and_in_eval_mode_it_is_the_native_module(monkeypatch)
     assert calls == [1]
 
 
-@pytest.mark.parametrize("build", [lambda: SmallCNN(1, 8, depth=3), lambda: ResNet18(1, 4)])
-def test_the_penalty_gradient_of_a_network_equals_the_native_one(build):
-    """One regularized step's parameter gradients and the running statistics, closed form
-    against PyTorch's batch norm double backward, float64."""
-    torch.manual_seed(0)
-    net = build().double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 1, 12, 12, generator=g, dtype=F64)
-    y = torch.randint(0, 2, (6,), generator=g)
-    pi, pj = sample_pathfinder_patches(12, 12, np.random.default_rng(0))
-    results = []
-    for closed in (True, False):
-        model = build().double()
-        model.load_state_dict(net.state_dict())
-        monkey = batchnorm.CLOSED_FORM
-        batchnorm.CLOSED_FORM = closed
-        try:
-            loss = regularized_loss(model, x, y, 3.0, pi, pj)[0]
-            loss.backward()
-        finally:
-            batchnorm.CLOSED_FORM = monkey
-        results.append((loss.detach(), [p.grad for p in model.parameters()], model.state_dict()))
-    (l1, g1, s1), (l2, g2, s2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-14)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    for k in s2:
-        torch.testing.assert_close(s1[k], s2[k], rtol=1e-12, atol=1e-14)
+# The penalty's gradient through whole networks, closed form against PyTorch's batch norm
+# (alone and with the convolutions' closed form): tests/test_cnn_conv.py.

@@ -210,10 +210,11 @@ def test_the_module_is_native_outside_the_block_and_when_switched_off(monkeypatc
     assert calls == [1]
 
 
+@pytest.mark.parametrize("closed", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("build", [lambda: SmallCNN(1, 8, depth=3), lambda: ResNet18(1, 4)])
-def test_a_regularized_step_equals_pytorchs_own_double_backward(build):
+def test_a_regularized_step_equals_pytorchs_own_double_backward(build, closed):
     """Loss, parameter gradients and running statistics of one regularized step with the
-    closed forms (convolution and batch norm) against PyTorch's own, float64."""
+    closed forms (``closed`` = (convolution, batch norm)) against PyTorch's own, float64."""
     torch.manual_seed(0)
     net = build().double()
     g = torch.Generator().manual_seed(1)
@@ -221,11 +222,11 @@ def test_a_regularized_step_equals_pytorchs_own_double_backward(build):
     y = torch.randint(0, 2, (6,), generator=g)
     pi, pj = sample_pathfinder_patches(12, 12, np.random.default_rng(0))
     results = []
-    for fast in (True, False):
+    for fast_conv, closed_bn in (closed, (False, False)):
         model = build().double()
         model.load_state_dict(net.state_dict())
         before = conv.FAST, batchnorm.CLOSED_FORM
-        conv.FAST = batchnorm.CLOSED_FORM = fast
+        conv.FAST, batchnorm.CLOSED_FORM = fast_conv, closed_bn
         try:
             loss = regularized_loss(model, x, y, 3.0, pi, pj)[0]
             loss.backward()

@@ -53,23 +53,21 @@ _PRIVATE = threading.local()
 FAST = True
 
 
+def _aten_backward(g_out: Tensor, x: Tensor, weight: Tensor, geom, mask, bias: bool = False):
+    """ATen's ``convolution_backward`` of ``conv(x, weight) (+ bias)`` for the gradients in
+    ``mask`` (input, weight, bias); ``x`` and ``weight`` may stand in for their shapes
+    where their gradient is the only one asked for."""
+    stride, padding, dilation, groups = geom
+    bias_sizes = [weight.shape[0]] if bias else None
+    return torch.ops.aten.convolution_backward(
+        g_out, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
+    )
+
+
 def _weight_grad(x: Tensor, weight: Tensor, g_out: Tensor, geom) -> Tensor:
     """The weight gradient of ``conv(x, weight)`` for output gradient ``g_out`` (ATen's
     dedicated kernel; ``weight`` gives the shape and layout only)."""
-    stride, padding, dilation, groups = geom
-    return torch.ops.aten.convolution_backward(
-        g_out,
-        x,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [False, True, False],
-    )[1]
+    return _aten_backward(g_out, x, weight, geom, [False, True, False])[1]
 
 
 def _input_grad(x_shape, weight: Tensor, g_out: Tensor, geom) -> Tensor:
@@ -86,19 +84,8 @@ def _input_grad(x_shape, weight: Tensor, g_out: Tensor, geom) -> Tensor:
         w_t = weight.reshape(c_out, -1).t().expand(b, -1, -1)  # bmm: no copy of g_out
         cols = torch.bmm(w_t, g_out.reshape(b, c_out, h_out * w_out))
         return F.fold(cols, tuple(x_shape[-2:]), weight.shape[-2:], dilation, padding, stride)
-    return torch.ops.aten.convolution_backward(
-        g_out,
-        g_out.new_empty(1).expand(x_shape),
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        groups,
-        [True, False, False],
-    )[0]
+    x_stand_in = g_out.new_empty(1).expand(x_shape)
+    return _aten_backward(g_out, x_stand_in, weight, geom, [True, False, False])[0]
 
 
 class _ConvInputGrad(torch.autograd.Function):
@@ -148,23 +135,10 @@ class _Conv(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 g_in = _ConvInputGrad.apply(g_out, weight, x.shape, ctx.geom)
             return g_in, None, None, None
-        stride, padding, dilation, groups = ctx.geom
         # the regularizer's private copy of the batch never has its .grad read
         need_in = ctx.needs_input_grad[0] and not (ctx.seal is not None and ctx.seal.closed)
         mask = [need_in, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        g_in, g_weight, g_bias = torch.ops.aten.convolution_backward(
-            g_out,
-            x,
-            weight,
-            [weight.shape[0]] if ctx.has_bias else None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            mask,
-        )
+        g_in, g_weight, g_bias = _aten_backward(g_out, x, weight, ctx.geom, mask, ctx.has_bias)
         return g_in if need_in else None, g_weight, g_bias if ctx.has_bias else None, None
 
 
