@@ -33,6 +33,7 @@ def test_import_applies_the_thresholds_on_glibc():
     [
         {"IMPLREG_MALLOC": "system"},
         {"IMPLREG_MALLOC": " System "},
+        {"IMPLREG_MALLOC": "sytem"},
         {"MALLOC_TRIM_THRESHOLD_": "131072"},
         {"MALLOC_MMAP_THRESHOLD_": "131072"},
         {"MALLOC_TOP_PAD_": "0"},
@@ -48,3 +49,25 @@ def test_it_is_idempotent_and_reports_what_it_did():
     first = a.retain_freed_memory()
     assert a.retain_freed_memory() is first
     assert a.retained() is first
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are a glibc feature")
+def test_retain_is_the_explicit_default():
+    assert _retained(IMPLREG_MALLOC="retain") == "True"
+
+
+def test_the_command_line_refuses_a_bad_value_in_one_sentence(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMPLREG_MALLOC")}
+    env["IMPLREG_MALLOC"] = "sytem"
+    out = subprocess.run(
+        [sys.executable, "-m", "implreg.cli", "run", "tf-dynamics", "--out", str(tmp_path / "r")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "implreg: error: IMPLREG_MALLOC must be one of retain, system, got 'sytem'"
+    )
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()

@@ -20,7 +20,9 @@ peak, up to 1 GiB of freed memory stays resident until the process ends; peak me
 itself does not grow.  It changes no numbers.  ``import implreg`` calls it, unless
 the environment says otherwise:
 
-* ``IMPLREG_MALLOC=system`` keeps glibc's defaults;
+* ``IMPLREG_MALLOC=system`` keeps glibc's defaults (``retain``, or unset, applies them;
+  any other value applies nothing, and the command line refuses it:
+  :func:`env_error`);
 * any ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` the
   user set wins (glibc read them at start-up);
 * not Linux, or a C library without ``mallopt`` (musl's does nothing): nothing happens.
@@ -40,7 +42,22 @@ TRIM_THRESHOLD = 2**30
 """Bytes of free heap kept before glibc returns the top of the heap to the OS."""
 _USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
+ENV = "IMPLREG_MALLOC"
+CHOICES = ("retain", "system")
+
 _applied: bool | None = None
+
+
+def _env_value() -> str:
+    return os.environ.get(ENV, "").strip().lower()
+
+
+def env_error() -> str | None:
+    """One sentence on a bad ``IMPLREG_MALLOC`` value, or ``None`` when it is unset or valid."""
+    value = _env_value()
+    if value and value not in CHOICES:
+        return f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}"
+    return None
 
 
 def retain_freed_memory() -> bool:
@@ -53,7 +70,7 @@ def retain_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("IMPLREG_MALLOC", "").strip().lower() == "system":
+    if _env_value() not in ("", "retain"):  # "system", or a bad value the CLI refuses
         return False
     if any(k in os.environ for k in _USER_KNOBS) or not sys.platform.startswith("linux"):
         return False

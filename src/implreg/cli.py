@@ -330,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from implreg.allocator import env_error
     from implreg.api import RunError
 
     try:
+        if env_error() is not None:
+            raise ConfigError(env_error())
         if args.command == "list":
             return _cmd_list()
         if args.command == "show":
