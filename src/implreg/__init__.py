@@ -15,8 +15,8 @@ from implreg.threads import prefer_passive_wait as _prefer_passive_wait
 # beside a busy process and changes no numbers.  Effective only before torch loads.
 _prefer_passive_wait()
 # Freed tensors' memory stays in the process (glibc mallopt; IMPLREG_MALLOC=system keeps
-# the defaults): re-faulting it every step cost a third of the regularized CNN step
-# (implreg.allocator).  Changes no numbers.
+# the defaults): re-faulting it every step cost up to a quarter of the regularized CNN
+# step (implreg.allocator).  Changes no numbers.
 _retain_freed_memory()
 
 __version__ = "0.1.0"

@@ -1,17 +1,19 @@
 """Keep freed memory in the process instead of handing it back to the OS at once (glibc).
 
-PyTorch on the CPU allocates every tensor with the C library's ``malloc``.  glibc
-returns memory to the OS eagerly: a block above the mmap threshold (128 KiB, raised
-dynamically) is ``munmap``-ed when freed, and free space at the top of the heap above
-the trim threshold is given back.  A training step that frees and reallocates the same
-few hundred megabytes of activations every step then page-faults all of them in again,
-every step.  On the project's machines (a Firecracker VM, where a page fault is
-expensive) that is a third of the locality regularizer's step: ResNet18 width 16,
-batch 64, one thread, 10 steps took 384k minor page faults and 792 ms/step with
-glibc's defaults, 172k and 589 ms/step with the settings below (peak resident memory
-unchanged, 777 MB against 779 MB; ``bench/bench_locality_step.py`` measures it in
-the same run).  Steps dominated by large matrix products change little (the
-``htf-dynamics`` step: 80.7 against 83.7 it/s, ``bench/bench_htf_step.py --threads 1``).
+PyTorch on the CPU allocates every tensor with the C library's ``malloc``. glibc returns
+memory to the OS eagerly: a block above the mmap threshold (128 KiB, raised dynamically)
+is ``munmap``-ed when freed, and free space at the top of the heap above the trim
+threshold is given back. A training step that frees and reallocates the same few hundred
+megabytes of activations every step then page-faults all of them in again, every step.
+On the project's machines (a Firecracker VM, where a page fault is expensive) that was a
+quarter of the locality regularizer's step in one measurement (within noise in later
+ones; it depends on the host's state): ResNet18 width 16, batch 64, one thread, 10 steps
+took 384k minor page faults and 792 ms/step with glibc's defaults, 172k and 589 ms/step
+with the settings below (peak resident memory unchanged, 777 MB against 779 MB,
+``/usr/bin/time -v``; ``bench/bench_locality_step.py`` prints which policy is in effect,
+so ``IMPLREG_MALLOC=system`` gives the comparison). Steps dominated by large matrix
+products change little (the ``htf-dynamics`` step: 80.7 against 83.7 it/s,
+``bench/bench_htf_step.py --threads 1``).
 
 :func:`retain_freed_memory` sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's maximum:
 smaller blocks come from the heap and are reused) and ``M_TRIM_THRESHOLD`` to 1 GiB

@@ -334,8 +334,9 @@ def _main(argv: list[str] | None) -> int:
     from implreg.api import RunError
 
     try:
-        if env_error() is not None:
-            raise ConfigError(env_error())
+        bad_env = env_error()
+        if bad_env is not None:
+            raise ConfigError(bad_env)
         if args.command == "list":
             return _cmd_list()
         if args.command == "show":
