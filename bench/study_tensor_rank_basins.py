@@ -1,7 +1,7 @@
 """Which basin a Figure 4 fit ends in (Razin, Maman & Cohen, ICML 2021, Figure 4).
 
 One one-vs-all task (``--cls``, MNIST), one rank (``--rank``): the objective of
-:class:`implreg.optim.exp_sum_fit.SparseExpSumObjective` (sparse float64 one-hot
+:class:`implreg.factorizations.cp_exp_binary.BinaryExpSumObjective` (float64 one-hot
 features, constant pixels dropped, positive terms) minimized by scipy's L-BFGS-B
 (``--memory`` pairs, its strong-Wolfe line search, no stopping tolerance) from the
 starting draws of :func:`implreg.optim.exp_sum_fit.fit_exp_sum_converged` with seeds
@@ -28,7 +28,7 @@ import torch
 from scipy.optimize import minimize
 
 from implreg.factorizations.cp_exp import Standardization, one_hot_features
-from implreg.optim.exp_sum_fit import SparseExpSumObjective
+from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective
 from implreg.problems.images import discretize, load_dataset
 from implreg.seeds import parse_seeds
 
@@ -74,7 +74,7 @@ def main() -> None:
     onehot = one_hot_features(x, 2, torch.float64)
     std = Standardization.of(onehot)
     live = (onehot.amax(0) > onehot.amin(0)).nonzero().squeeze(1)
-    obj = SparseExpSumObjective(
+    obj = BinaryExpSumObjective(
         onehot[:, live].contiguous(),
         std.mean[live],
         std.scale[live],

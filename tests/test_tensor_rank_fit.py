@@ -16,7 +16,8 @@ from implreg.factorizations.cp_exp import (
     fit_exp_sum,
     one_hot_features,
 )
-from implreg.optim.exp_sum_fit import SparseExpSumObjective, fit_exp_sum_converged
+from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective
+from implreg.optim.exp_sum_fit import fit_exp_sum_converged
 
 F64 = torch.float64
 DATA = DATA_DIR
@@ -27,13 +28,14 @@ def _binary(n: int, order: int, seed: int, p: float = 0.3) -> torch.Tensor:
     return (torch.rand(n, order, generator=g) < p).to(torch.int64)
 
 
-def test_sparse_objective_matches_dense_objective_and_autograd():
+@pytest.mark.parametrize("engine", ["packed", "csr"])
+def test_binary_objective_matches_dense_objective_and_autograd(engine):
     x = _binary(300, 10, seed=0)
     feats = one_hot_features(x, 2, F64)
     std = Standardization.of(feats)
     targets = torch.rand(300, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     signs = torch.tensor([[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=F64)
-    sparse = SparseExpSumObjective(feats, std.mean, std.scale, targets, signs)
+    sparse = BinaryExpSumObjective(feats, std.mean, std.scale, targets, signs, engine=engine)
     dense = ExpSumObjective(std.apply(feats), targets, signs)
     params = 0.3 * torch.randn(3, 2 * 11, generator=torch.Generator().manual_seed(2), dtype=F64)
     idx = torch.tensor([0, 2])

@@ -23,7 +23,6 @@ the minimum (measured in ``bench/study_tensor_rank_convergence.py``):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,105 +35,10 @@ from implreg.factorizations.cp_exp import (
     check_fit_data,
     one_hot_features,
 )
+from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective
 from implreg.optim.lbfgs import minimize
 
 Tensor = torch.Tensor
-
-BLOCK = 16  # columns per sparse X^T G product (measured: 15 ms at 16 columns, 580 ms at 100)
-
-
-def _csr32(dense: Tensor) -> Tensor:
-    """A binary float matrix as CSR with int32 indices (half the index bytes of int64)."""
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support", category=UserWarning)
-        s = dense.to_sparse_csr()
-        return torch.sparse_csr_tensor(
-            s.crow_indices().to(torch.int32),
-            s.col_indices().to(torch.int32),
-            s.values(),
-            s.shape,
-            check_invariants=False,
-        )
-
-
-class SparseExpSumObjective:
-    """Mean squared error of ``T`` exp-sum predictors over sparse binary features.
-
-    ``feats`` ``(n, D)`` holds 0/1 (the one-hot features of the non-constant inputs),
-    ``mean`` and ``scale`` ``(D,)`` their standardization (``scale > 0``), ``targets``
-    ``(n, T)``, ``signs`` ``(T, R)``.  Parameters of task ``t`` are flattened as
-    ``(R, D + 1)`` (weights on the standardized features, then the bias), as in
-    :class:`implreg.factorizations.cp_exp.ExpSumObjective`, whose values and gradients
-    this reproduces; ``obj(params, idx)`` follows :func:`implreg.optim.lbfgs.minimize`.
-    """
-
-    def __init__(self, feats: Tensor, mean: Tensor, scale: Tensor, targets: Tensor, signs: Tensor):
-        _check_tensor("feats", feats, floating=True)
-        if feats.dim() != 2:
-            raise ValueError(f"feats must be (samples, features), got shape {tuple(feats.shape)}")
-        n, d = feats.shape
-        if tuple(mean.shape) != (d,) or tuple(scale.shape) != (d,):
-            raise ValueError(
-                f"mean and scale must have the {d} features of feats, "
-                f"got {tuple(mean.shape)} and {tuple(scale.shape)}"
-            )
-        if not bool((scale > 0).all()):
-            raise ValueError("scale must be positive (drop constant features first)")
-        if targets.dim() != 2 or targets.shape[0] != n:
-            raise ValueError(
-                f"targets must be (samples, tasks) with the {n} samples of feats, "
-                f"got shape {tuple(targets.shape)}"
-            )
-        if signs.dim() != 2 or signs.shape[0] != targets.shape[1] or signs.shape[1] < 1:
-            raise ValueError(
-                f"signs must be (tasks, rank) with the {targets.shape[1]} tasks of targets, "
-                f"got shape {tuple(signs.shape)}"
-            )
-        dtype = feats.dtype
-        self.n, self.d, self.rank = n, d, signs.shape[1]
-        self.rows = _csr32(feats)
-        self.cols = _csr32(feats.T.contiguous())
-        self.mean = mean.to(dtype)
-        self.inv_scale = (1.0 / scale).to(dtype)
-        self.targets = targets.to(dtype)
-        self.signs = signs.to(dtype)
-
-    def _raw(self, params: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Weights ``(k*R, D)`` and biases ``(k*R,)`` on the raw 0/1 features."""
-        p = params.view(k, self.rank, self.d + 1)
-        w = p[:, :, : self.d] * self.inv_scale
-        b = p[:, :, self.d] - (w * self.mean).sum(-1)
-        return w.reshape(k * self.rank, self.d), b.reshape(k * self.rank)
-
-    def terms(self, params: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """``(s * exp(z)`` ``(n, k, R)``, predictions ``(n, k)``) for tasks ``idx``."""
-        k = idx.shape[0]
-        w, b = self._raw(params, k)
-        z = self.rows @ w.T.contiguous() + b
-        terms = torch.exp(z.view(self.n, k, self.rank)) * self.signs[idx]
-        return terms, terms.sum(2)
-
-    def back(self, g: Tensor) -> Tensor:
-        """``X^T g`` on the standardized features and ``sum g`` (bias), ``(m, D + 1)``, for
-        ``g`` ``(n, m)``."""
-        parts = [self.cols @ g[:, i : i + BLOCK].contiguous() for i in range(0, g.shape[1], BLOCK)]
-        raw = torch.cat(parts, dim=1).T  # (m, D)
-        total = g.sum(0, dtype=torch.float64).to(g.dtype)
-        gw = (raw - total[:, None] * self.mean) * self.inv_scale
-        return torch.cat([gw, total[:, None]], dim=1)
-
-    def __call__(self, params: Tensor, idx: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-        terms, pred = self.terms(params, idx)
-        resid = pred - self.targets[:, idx]
-        n, r = self.n, self.rank
-        loss = resid.pow(2).sum(0, dtype=torch.float64).to(params.dtype) / n
-
-        def grad_of(sel: Tensor) -> Tensor:
-            g = terms[:, sel, :] * (resid[:, sel] * (2.0 / n)).unsqueeze(2)  # (n, k', R)
-            k = sel.shape[0]
-            return self.back(g.reshape(n, k * r)).reshape(k, r * (self.d + 1))
-
-        return loss, grad_of
 
 
 @dataclass
@@ -216,7 +120,7 @@ def fit_exp_sum_converged(
     live_idx = live.nonzero().squeeze(1)
     d = int(live_idx.numel())
     x0 = torch.cat([w0[:, :, live_idx], b0], dim=2).reshape(tasks, -1).to(dtype)
-    objective = SparseExpSumObjective(
+    objective = BinaryExpSumObjective(
         onehot[:, live_idx].contiguous(),
         std.mean[live_idx],
         std.scale[live_idx],
