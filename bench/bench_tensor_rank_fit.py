@@ -11,16 +11,19 @@ It runs for the same wall time as implreg's fit; the script prints its train
 MSE then, its time per epoch, and its extrapolated time for the authors'
 10000 epochs.
 
-Side by side (``--compare``, issue 12 target: <= 1/3): the fitter before the
-convergence study (:func:`implreg.factorizations.cp_exp.fit_exp_sum`, dense, 20 pairs)
-for 3000 iterations, against the preset's fitter
-(:func:`implreg.optim.exp_sum_fit.fit_exp_sum_converged`) run for ``--long`` iterations;
-the converged loss is the lower of the two final losses, and the new fitter's time is
-when it first got within 1% of it.  Runs alternate (old, new, old, new, ...) for
-``--pairs`` pairs so that the load of a shared machine falls on both; one thread.
+Side by side (``--compare``, issue 12 target: <= 1/3): the fitter as it was
+(:func:`implreg.factorizations.cp_exp.fit_exp_sum` with ``engine="dense"``, GEMMs with the
+standardized features, 20 pairs) for 3000 iterations, against a new one run for
+``--long`` iterations: ``--new packed`` (default) is the preset's fitter today, the same
+L-BFGS on the table look-up products (``engine="packed"``); ``--new converged`` is
+:func:`implreg.optim.exp_sum_fit.fit_exp_sum_converged` (float64, 100 pairs).  The
+converged loss is the lower of the two final losses, and the new fitter's time is when it
+first got within 1% of it; the script also prints the time per iteration of each.  Runs
+alternate (old, new, old, new, ...) for ``--pairs`` pairs so that the load of a shared
+machine falls on both; ``--threads`` threads (1 by default).
 
     python bench/bench_tensor_rank_fit.py [--data-dir ../shared/data]
-    python bench/bench_tensor_rank_fit.py --compare [--pairs 2] [--long 6000]
+    python bench/bench_tensor_rank_fit.py --compare [--pairs 2] [--long 6000] [--new packed]
 """
 
 from __future__ import annotations
@@ -52,13 +55,17 @@ def curve_of(fit, *args, **kw) -> tuple[list[tuple[int, float, float]], float]:
     return curve, time.perf_counter() - start
 
 
-def compare(x, y, rank: int, pairs: int, long: int) -> None:
+def compare(x, y, rank: int, pairs: int, long: int, new_fitter: str, threads: int) -> None:
     """Old fitter for 3000 iterations vs the new one to within 1% of the converged loss."""
-    torch.set_num_threads(1)
-    ratios = []
+    torch.set_num_threads(threads)
+    ratios, speeds = [], []
     for pair in range(pairs):
-        old, old_s = curve_of(fit_exp_sum, x, y, rank, iterations=3000)
-        new, new_s = curve_of(fit_exp_sum_converged, x, y, rank, iterations=long, rel_tol=0.0)
+        old, old_s = curve_of(fit_exp_sum, x, y, rank, iterations=3000, engine="dense")
+        if new_fitter == "packed":
+            new, new_s = curve_of(fit_exp_sum, x, y, rank, iterations=long, engine="packed")
+        else:
+            new, new_s = curve_of(fit_exp_sum_converged, x, y, rank, iterations=long, rel_tol=0.0)
+        speeds.append((old_s / old[-1][0]) / (new_s / new[-1][0]))
         best = min(old[-1][2], new[-1][2])
         hit = next(((it, sec) for it, sec, loss in new if loss <= 1.01 * best), None)
         old_hit = next(((it, sec) for it, sec, loss in old if loss <= 1.01 * best), None)
@@ -71,10 +78,13 @@ def compare(x, y, rank: int, pairs: int, long: int) -> None:
             f"(within 1% of converged: "
             f"{old_at}); "
             f"new fitter {new[-1][0]} iterations {new_s:.1f} s, loss {new[-1][2]:.6f}; "
-            f"converged loss {best:.6f}; new fitter within 1% at {new_at}; ratio {ratio:.2f}",
+            f"converged loss {best:.6f}; new fitter within 1% at {new_at}; ratio {ratio:.2f}; "
+            f"ms per iteration old {1e3 * old_s / old[-1][0]:.1f}, "
+            f"new {1e3 * new_s / new[-1][0]:.1f}",
             flush=True,
         )
     print(f"ratio new (to within 1%) / old (3000 iterations): {np.median(ratios):.2f} (median)")
+    print(f"iterations per second, new / old: {np.median(speeds):.2f} (median)")
 
 
 def main() -> None:
@@ -87,6 +97,8 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="old vs new fitter, side by side")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--long", type=int, default=6000, help="new fitter's iterations")
+    ap.add_argument("--new", choices=["packed", "converged"], default="packed")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if not (args.data_dir / "mnist").is_dir():
         print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
@@ -95,7 +107,7 @@ def main() -> None:
     x = torch.from_numpy(discretize(data["train"].images))
     y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float32))
     if args.compare:
-        compare(x, y, args.rank, args.pairs, args.long)
+        compare(x, y, args.rank, args.pairs, args.long, args.new, args.threads)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 

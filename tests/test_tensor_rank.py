@@ -145,6 +145,7 @@ def test_rank_order_and_class_subsets_are_independent(tmp_path, fake_data):
         (["--set", "datasets=cifar"], "datasets must be one of 'mnist', 'fashion-mnist'"),
         (["--set", "variants=shuffled"], "variants must be one of"),
         (["--set", "workers=0"], "workers must be >= 1"),
+        (["--set", "engine=sparse"], "engine must be one of"),
     ],
 )
 def test_bad_settings_are_one_sentence_and_no_folder(tmp_path, fake_data, capsys, extra, message):
@@ -215,6 +216,28 @@ def test_data_dir_flag_is_refused_by_presets_without_data(tmp_path, capsys):
         main(["run", "tf-dynamics", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     )
     assert "reads no data" in capsys.readouterr().err
+
+
+def test_engines_give_the_same_fits(tmp_path, fake_data):
+    """The table look-up products and the dense GEMMs take the same objective: the runs agree
+    to float32 rounding of a short fit."""
+    values = {}
+    for engine in ("dense", "packed"):
+        out = tmp_path / engine
+        args = ["--set", "datasets=mnist", "--set", f"engine={engine}"]
+        code = main(
+            ["run", "tensor-rank-complexity", "--data-dir", str(fake_data), "--out", str(out)]
+            + SMALL
+            + args
+        )
+        assert code == 0
+        values[engine] = {
+            (r["variant"], r["class"], r["predictor"], r["rank"]): float(r["train_mse"])
+            for r in _rows(out)
+        }
+    assert values["dense"].keys() == values["packed"].keys()
+    for key, dense in values["dense"].items():
+        assert values["packed"][key] == pytest.approx(dense, rel=2e-2, abs=1e-4), key
 
 
 def test_rand_label_and_rand_image_are_seeded_and_shared_across_ranks(fake_data):

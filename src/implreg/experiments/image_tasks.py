@@ -54,6 +54,7 @@ class RankUnit:
     centroids: int
     max_patches: int
     device: str = "cpu"
+    engine: str = "auto"
 
     def execute(self, should_stop=None) -> dict | None:
         work = linear_unit if self.kind == "linear" else fit_unit
@@ -179,6 +180,7 @@ def fit_unit(u: RankUnit, should_stop=None) -> dict | None:
         rel_tol=u.rel_tol,
         init_scale=u.init_scale,
         seed=u.seed * 1000 + u.rank,
+        engine=u.engine,
         callback=callback,
     )
     if stopped:

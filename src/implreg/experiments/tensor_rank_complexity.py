@@ -113,6 +113,10 @@ class TensorRankComplexity(GridExperiment):
 
     def prepare(self, cfg: TensorRankConfig, device: str = "cpu") -> TensorRankConfig:
         """Check the data (every dataset readable) before any folder exists."""
+        require(
+            cfg.engine != "packed" or str(device).split(":")[0] == "cpu",
+            f"engine 'packed' runs on the CPU; the run is on {device} (use engine=dense or auto)",
+        )
         root = resolve_data_dir(cfg.data_dir)
         for name in cfg.datasets:
             data = load_images(str(root), name)
@@ -152,6 +156,7 @@ class TensorRankComplexity(GridExperiment):
             centroids=cfg.centroids,
             max_patches=cfg.max_patches,
             device=device,
+            engine=cfg.engine,
         )
         out = []
         for ds in cfg.datasets:

@@ -32,7 +32,9 @@ class TensorRankConfig:
     every non-overlapping ``patch_size`` x ``patch_size`` patch becomes the
     index of its nearest of ``centroids`` k-means centroids (fit on at most
     ``max_patches`` training patches), an input of order (28/size)^2 with
-    modes of size ``centroids``.
+    modes of size ``centroids``.  ``engine`` picks how the fit's products with the
+    features are taken (:func:`implreg.factorizations.cp_exp.fit_exp_sum`): the same
+    objective either way, ``auto`` is the table look-up on the CPU.
     """
 
     data_dir: str | None = param(None, doc="folder of mnist/ and fashion-mnist/")
@@ -45,6 +47,9 @@ class TensorRankConfig:
     iterations: int = param(500, ge=1, doc="L-BFGS iterations per fit (cap)")
     rel_tol: float = param(1e-5, ge=0)
     memory: int = param(20, ge=1, doc="L-BFGS memory pairs")
+    engine: Literal["auto", "dense", "packed"] = param(
+        "auto", doc="fit products: packed (table look-up, CPU), dense (GEMMs), auto"
+    )
     init_scale: float = param(0.05, ge=0)
     linear_baseline: bool = True
     representation: Literal["pixels", "patches"] = "pixels"

@@ -7,6 +7,10 @@ feature matrix are taken on its 0/1 values: by table look-up over its bits
 (:mod:`implreg.factorizations.binary_products`, the default on the CPU) or as sparse
 CSR products.  Constant features are zero after standardization and carry no
 parameter: the caller drops them (``scale > 0`` here).
+
+Precision (measured at the end of a 500-iteration rank-15 fit of the twenty MNIST tasks,
+float32): the loss is within 1.8e-7 of its float64 value, as with the dense engine's
+GEMMs, and the gradient within 4.5e-4 (dense: 6.1e-4), relative.
 """
 
 from __future__ import annotations

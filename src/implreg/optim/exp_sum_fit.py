@@ -1,4 +1,4 @@
-"""Figure 4 fits to their minimum: exp-sum CP predictors over sparse one-hot inputs.
+"""Figure 4 fits to their minimum: exp-sum CP predictors over binary one-hot inputs.
 
 Razin, Maman & Cohen (ICML 2021), Section 5.2 and Figure 4: for each rank ``k``
 the CP predictor of rank ``k`` with the lowest train MSE.  The model is the one of
@@ -7,12 +7,11 @@ over standardized one-hot features), and the starting point is the same draw as
 :func:`~implreg.factorizations.cp_exp.fit_exp_sum`; what differs is how the fit gets to
 the minimum (measured in ``bench/study_tensor_rank_convergence.py``):
 
-* The one-hot features are binary with about 13% ones on MNIST, so they are kept as a
-  sparse CSR matrix (int32 indices) and the standardization is applied affinely,
-  ``std(x) . w = x . (w / scale) - mean . (w / scale)``; the forward product is one
-  sparse-dense product, the gradient ``X^T G`` a sparse product with the transposed
-  matrix in column blocks of :data:`BLOCK` (sparse products with many columns lose
-  their cache locality).  Constant features (108 of MNIST's 784 pixels) are zero after
+* The one-hot features are binary with about 15% ones on MNIST; the objective
+  (:class:`~implreg.factorizations.cp_exp_binary.BinaryExpSumObjective`) applies the
+  standardization affinely, ``std(x) . w = x . (w / scale) - mean . (w / scale)``, and takes
+  both products with the 0/1 matrix by table look-up over its bits on the CPU (sparse CSR
+  products elsewhere).  Constant features (108 of MNIST's 784 pixels) are zero after
   standardization and carry no parameter: they are dropped.
 * L-BFGS keeps ``memory`` = 100 curvature pairs (the fit spends most of its time in a
   slow "sharpening" phase where the weights grow; more pairs per iteration pay off there).
@@ -77,7 +76,7 @@ def fit_exp_sum_converged(
 
     Same model and initialization (``seed``, ``init_scale``) as
     :func:`implreg.factorizations.cp_exp.fit_exp_sum`, float64 arithmetic (the predictor
-    is returned in float32); sparse features, ``memory`` pairs,
+    is returned in float32); binary features (table look-up products), ``memory`` pairs,
     and a task stops once its loss fell by less than ``rel_tol`` (relative) over its last
     ``window`` iterations (``rel_tol = 0``: run all ``iterations``).
     """
@@ -126,6 +125,7 @@ def fit_exp_sum_converged(
         std.scale[live_idx],
         targets.to(dtype),
         signs.to(dtype),
+        engine="packed" if onehot.device.type == "cpu" else "csr",
     )
     res = minimize(
         objective,
