@@ -42,7 +42,7 @@ from implreg.factorizations.cp import (
     _check_real,
     _check_tensor,
 )
-from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective
+from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective, check_targets_and_signs
 from implreg.optim.lbfgs import minimize
 
 Tensor = torch.Tensor
@@ -173,16 +173,7 @@ class ExpSumObjective:
         _check_tensor("signs", signs)
         if feats.dim() != 2:
             raise ValueError(f"feats must be (samples, features), got shape {tuple(feats.shape)}")
-        if targets.dim() != 2 or targets.shape[0] != feats.shape[0]:
-            raise ValueError(
-                f"targets must be (samples, tasks) with the {feats.shape[0]} samples of feats, "
-                f"got shape {tuple(targets.shape)}"
-            )
-        if signs.dim() != 2 or signs.shape[0] != targets.shape[1] or signs.shape[1] < 1:
-            raise ValueError(
-                f"signs must be (tasks, rank) with the {targets.shape[1]} tasks of targets, "
-                f"got shape {tuple(signs.shape)}"
-            )
+        check_targets_and_signs(feats.shape[0], targets, signs)
         self.feats = feats
         self.targets = targets.to(feats.dtype)
         self.signs = signs.to(feats.dtype)
