@@ -159,6 +159,8 @@ def test_fit_engine_is_checked():
     x = torch.zeros(10, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="engine must be one of"):
         fit_exp_sum(x, torch.rand(10), 1, engine="sparse")
+    with pytest.raises(ValueError, match="at least one sample"):
+        fit_exp_sum(x[:0], torch.rand(0), 1)
 
 
 def test_narrow_and_wide_forward_agree_bitwise_with_themselves():

@@ -37,8 +37,9 @@ Tensor = torch.Tensor
 
 TILE = 320
 """Columns per pass, at most (a wider ``K`` is split into equal tiles).  Measured on MNIST,
-one thread, ``X @ W`` at ``K`` = 300: 142 ms in tiles of 64 columns, 98 ms in tiles of 100,
-67 ms in one tile; at ``K`` = 128, 56 ms in tiles of 64 and 31-37 ms in one tile."""
+one thread, ``X @ W`` at ``K`` = 300: 142 ms in tiles of 64 columns, 107 ms in tiles of
+100, 98 ms in tiles of 150, 67 ms in one tile; at ``K`` = 128, 56 ms in tiles of 64 and
+31-39 ms in one tile."""
 
 BLOCK = 256
 """Rows per block of the forward product (a block's outputs stay in cache across bytes)."""
@@ -214,10 +215,6 @@ class PackedBinary:
             self._work[dtype] = buf
         return buf[:size].reshape(shape)
 
-    def _width(self, cols: int) -> int:
-        tiles = (cols + TILE - 1) // TILE
-        return (cols + tiles - 1) // tiles
-
     def _operand(self, name: str, a: Tensor, rows: int) -> np.ndarray:
         if not isinstance(a, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(a).__name__}")
@@ -246,10 +243,8 @@ class PackedBinary:
                 if k <= NARROW:
                     _forward_narrow(self.bits, wn, out, self._workspace(wn.dtype, (nb, k, 256)))
                 else:
-                    table = self._workspace(wn.dtype, (nb, 256, self._width(k)))
+                    table = self._workspace(wn.dtype, (nb, 256, _tile_width(k)))
                     _forward(self.bits, wn, out, table)
-        else:
-            out[:] = 0
         return torch.from_numpy(out)
 
     def _rmatmul(self, g: Tensor) -> Tensor:
@@ -257,7 +252,7 @@ class PackedBinary:
         out = np.zeros((self.d, gn.shape[1]), dtype=gn.dtype)
         if self.n and self.d and gn.shape[1]:
             with _numba_threads():
-                width = self._width(gn.shape[1])
+                width = _tile_width(gn.shape[1])
                 hist = self._workspace(gn.dtype, (self.bits.shape[0], 256, width))
                 _transpose(self.bits, gn, self.d, out, hist, _threads())
         return torch.from_numpy(out)

@@ -277,6 +277,8 @@ def fit_exp_sum(
         )
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one sample")
     if engine not in FIT_ENGINES:
         raise ValueError(f"engine must be one of {', '.join(FIT_ENGINES)}, got {engine!r}")
     if engine == "auto":
