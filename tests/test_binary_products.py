@@ -172,3 +172,33 @@ def test_narrow_and_wide_forward_agree_bitwise_with_themselves():
     narrow = torch.cat([pb.matmul(w[:, i : i + 1].contiguous()) for i in range(NARROW + 1)], 1)
     assert torch.equal(wide, narrow)
     assert bp.NARROW_BLOCK > 0
+
+
+def test_forward_into_a_kept_buffer_equals_a_fresh_product():
+    x = _binary(70, 21, 0.4, 12)
+    pb = PackedBinary(x)
+    g = torch.Generator().manual_seed(13)
+    buf = torch.full((70 * 40,), float("nan"), dtype=F64)
+    for k in (40, 3, 17):  # wide, narrow, wide again: the same buffer, every entry written
+        w = torch.randn(21, k, generator=g, dtype=F64)
+        out = buf[: 70 * k].view(70, k)
+        got = pb.matmul(w, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, pb.matmul(w))
+
+
+def test_forward_into_refuses_bad_buffers():
+    pb = PackedBinary(_binary(10, 6, 0.5, 14))
+    w = torch.zeros(6, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"out must be a contiguous CPU tensor of shape \(10, 2\)"):
+        pb.matmul(w, out=torch.zeros(10, 3, dtype=F64))
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        pb.matmul(w, out=torch.zeros(10, 2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        pb.matmul(w, out=torch.zeros(2, 10, dtype=F64).T)
+    with pytest.raises(TypeError, match="out must be a tensor"):
+        pb.matmul(w, out=np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="requires a gradient"):
+        pb.matmul(w.clone().requires_grad_(), out=torch.zeros(10, 2, dtype=F64))
+    with pytest.raises(ValueError, match="w must have 6 rows"):
+        pb.matmul(torch.zeros(5, 2, dtype=F64), out=torch.zeros(10, 2, dtype=F64))

