@@ -193,9 +193,6 @@ def threads_for_config(cfg: Any, requested: int | None = None, cores: int | None
     """:func:`choose_threads` for a configuration; one thread when its work is unknown."""
     if requested is not None:
         return choose_threads(0.0, requested, cores)
-    own = getattr(cfg, "preferred_threads", None)
-    if callable(own):  # a configuration whose step was measured to scale differently
-        return max(1, min(available_cores() if cores is None else int(cores), int(own())))
     flops = config_step_flops(cfg)
     return choose_threads(0.0 if flops is None else flops, None, cores)
 

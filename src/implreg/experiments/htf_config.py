@@ -125,26 +125,12 @@ class HTFDynamicsConfig(FlowOptions, GDOptions):
         tree = self.mode_tree()
         return tree.resolve_widths(self.width_arg(self.gt_widths))[-1]
 
-    def preferred_threads(self) -> int:
-        """Two threads when the dense step's node products are large, else the flop policy.
-
-        Measured 2026-11-30 (``bench/bench_htf_step.py``, widths 512): 78 it/s on one
-        thread, 135 on two on a quiet machine; beside a busy process (with the passive
-        OpenMP wait ``implreg`` sets) 76 against 73.5.  Below that size, one thread."""
-        from implreg.threads import MIN_WORK_PER_THREAD
-
-        tree, widths = self.mode_tree(), self.width_arg(self.widths)
-        shapes = tree.shapes(self.dims, widths)
-        biggest = max(
-            (
-                math.prod(self.dims[m] for m in tree.nodes[v]) * shapes[v][0] * shapes[v][1]
-                for v in tree.internal[:-1]
-            ),
-            default=0,
-        )
-        if self.method != "gather" and math.prod(self.dims) <= DENSE_MAX and biggest >= 1 << 26:
-            return 2
-        return max(1, int(self.step_flops() // MIN_WORK_PER_THREAD))
+    # No thread override: the flop policy (implreg.threads) gives the width-512 dense
+    # step (~1e9 flops) one thread.  Two threads won 1.7x with libgomp spinning at each
+    # barrier (bench/bench_htf_step.py) but lose under the OMP_WAIT_POLICY=PASSIVE that
+    # implreg sets: 2026-12-03, quiet, 47 it/s on two against 57 on one
+    # (``OMP_WAIT_POLICY=PASSIVE python bench/bench_htf_step.py``), and 3000 iterations of
+    # ``implreg run htf-dynamics`` took 63-65 s on one thread against 80-96 s on two.
 
     def step_flops(self) -> float:
         """Flops of one step of all runs (the thread policy of :mod:`implreg.threads`)."""
