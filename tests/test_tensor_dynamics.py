@@ -49,8 +49,12 @@ def test_reduced_figure3_incremental_learning_and_ordering(tmp_path):
     times = [c["left_zero_at"] for c in small["learned"]]
     assert times == sorted(times) and len(set(times)) == 5  # one after another
     errs = [runs[s]["final_reconstruction_error"] for s in (0.005, 0.01, 0.05)]
-    assert errs[0] < errs[1] < errs[2]
-    assert errs[0] <= 0.02
+    # Only "the largest init ends worst" is robust (TF_CLAIMS): the stop rule (train loss below
+    # 1e-8 for 51 checks) ends the 0.005 run soon after its fifth escape, while its error still
+    # falls (0.0093 at 15375, 0.0036 at the stop at 16550 on a 2026-12-03 machine), so which of
+    # 0.005 and 0.01 ends lower depends on the machine's float32 summation order.
+    assert errs[2] > max(errs[0], errs[1])
+    assert max(errs[0], errs[1]) <= 0.02
     # unbalancedness is conserved up to discretization (Lemma 1), tiny next to the norms
     assert small["unbalancedness_final"] < 1e-2
     # the adaptive step's record: flow time sum_t eta_t, at most lr / eps per step, and a last
@@ -226,5 +230,5 @@ def test_full_figure3_preset(tmp_path):
     assert small["n_learned"] == 5
     assert small["next_largest_over_smallest_learned"] < 0.01
     errs = [runs[s]["final_reconstruction_error"] for s in (0.005, 0.01, 0.05)]
-    assert errs[0] < errs[1] < errs[2]
+    assert errs[2] > max(errs[0], errs[1])  # the robust part of the claim, as above
     assert errs[0] <= 0.02
