@@ -1466,6 +1466,31 @@ def test_kill_9_of_a_grid_driver_leaves_no_worker(tmp_path, procs):
     assert not left, f"workers {left} outlived their driver by 5 s"
 
 
+def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
+    # two presets side by side, each in its own process: a report killed outright takes its
+    # jobs with it (they get SIGTERM, as a run killed by the system would), none runs on
+    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,mf-det-sign"]
+    report = procs([*args, "--out", tmp_path / "rep"], tmp_path)
+    found: set[int] = set()
+
+    def two_jobs() -> bool:
+        found.update(_children(report.p.pid))
+        return len([c for c in found if _alive(c)]) >= 2
+
+    assert report.wait_until(two_jobs, 120), f"no jobs started: {report.stderr[-400:]}"
+    os.kill(report.p.pid, signal.SIGKILL)
+    report.finish(30)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and any(_alive(c) for c in found):
+        time.sleep(0.05)
+    left = sorted(c for c in found if _alive(c))
+    for c in left:  # do not leave them running
+        with _suppress():
+            os.kill(c, signal.SIGKILL)
+    assert not left, f"jobs {left} outlived their report by 10 s"
+    assert not list((tmp_path / "rep").glob("report.*"))  # no page from a report cut short
+
+
 def test_a_second_resume_of_a_folder_in_use_is_refused(tmp_path, procs, capsys):
     cut = tmp_path / "cut"
     cfg = with_overrides(tiny_config(TF), {**KILL_TF, "max_iterations": "1000"})

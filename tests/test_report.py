@@ -6,6 +6,7 @@ tests); the HTML is read back with :class:`html.parser.HTMLParser`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -253,6 +254,7 @@ def test_seed_statistics(tmp_path):
         (["report", "--budget", "reduced", "--only", "tf-dynamics,nope"], "unknown preset"),
         (["report", "--budget", "reduced", "--seeds", "2-1"], "backwards"),
         (["report", "--budget", "reduced", "--backend", "carrier-pigeon"], "backend"),
+        (["report", "--budget", "reduced", "--jobs", "0"], "--jobs"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path):
@@ -310,3 +312,183 @@ def test_a_configuration_run_twice_is_copied_not_recomputed(tmp_path, monkeypatc
     monkeypatch.setitem(PRESETS, "htf-dynamics", other)
     again = build_report(tmp_path, "tiny", presets=["htf-dynamics"], checks=["lemma1-cp"], log=str)
     assert not again.presets[0].reused
+
+
+def _measured(report) -> list[tuple[str, str, str, str]]:
+    return [(c.preset, c.name, c.verdict, repr(c.measured)) for c in report.claims]  # nan == nan
+
+
+def test_jobs_run_presets_side_by_side_with_the_serial_numbers(tiny_report, tmp_path):
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("IMPLREG_DATA_DIR", raising=False)
+        report = build_report(
+            tmp_path,
+            "tiny",
+            presets=QUICK,
+            checks=["lemma1-cp"],
+            threads=1,
+            log=lines.append,
+            jobs=2,
+        )
+    assert [p.name for p in report.presets] == [p.name for p in tiny_report.presets]
+    # the same runs on the same thread count: the same numbers, in registry order
+    assert _measured(report) == _measured(tiny_report)
+    assert [p.status for p in report.presets] == [p.status for p in tiny_report.presets]
+    assert any(line.startswith("tf-dynamics: ok") for line in lines)  # the jobs' log lines
+    assert "2 presets side by side" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    for p in QUICK:
+        assert f"run {p}" in report.times
+
+
+def test_jobs_wait_for_a_run_they_can_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")  # the patches reach the jobs
+    # as test_a_configuration_run_twice_is_copied_not_recomputed, two jobs at a time: the
+    # htf-dynamics job waits for the trio (whose HTF panel it is) instead of running it too
+    from implreg.report import _as_strings
+
+    trio = PRESETS["dynamics-mf-tf-htf"]
+    same = ";".join(_as_strings(PRESETS["htf-dynamics"].tiny))
+    monkeypatch.setitem(
+        PRESETS, "dynamics-mf-tf-htf", dataclasses.replace(trio, tiny={**trio.tiny, "htf": same})
+    )
+    report = build_report(
+        tmp_path,
+        "tiny",
+        presets=["dynamics-mf-tf-htf", "htf-dynamics", "mf-det-sign"],
+        checks=["lemma1-cp"],
+        threads=1,
+        log=str,
+        jobs=2,
+    )
+    rows = {p.name: p for p in report.presets}
+    assert not rows["dynamics-mf-tf-htf"].reused
+    assert rows["htf-dynamics"].reused and "copied" in rows["htf-dynamics"].note
+    assert rows["mf-det-sign"].status == "ok"
+
+
+def test_a_job_that_dies_is_a_failed_row(tmp_path, monkeypatch):
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")  # the patches reach the jobs
+    import os
+    import signal
+
+    import implreg.api
+
+    real = implreg.api.run_preset
+
+    def killed(name=None, *args, **kwargs):
+        if name == "mf-det-sign":
+            os.kill(os.getpid(), signal.SIGKILL)  # the out-of-memory killer, say
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(implreg.api, "run_preset", killed)
+    report = build_report(
+        tmp_path,
+        "tiny",
+        presets=["tf-dynamics", "mf-det-sign"],
+        checks=["lemma1-cp"],
+        threads=1,
+        log=str,
+        jobs=2,
+    )
+    rows = {p.name: p for p in report.presets}
+    assert rows["tf-dynamics"].status == "ok"
+    bad = rows["mf-det-sign"]
+    assert bad.status == "failed" and "died (exit code -9)" in bad.note
+    assert bad.claims and all(c.verdict == NOT_RUN for c in bad.claims)
+    assert (tmp_path / "report.html").is_file()
+
+
+def _waits_for_a_signal(preset, budget, runs, *args):
+    """A run that stops at SIGINT / SIGTERM and says so, as run_preset checkpoints."""
+    import os
+    import time
+
+    from implreg.report import ReportInterrupted
+    from implreg.training import Interrupt
+
+    with Interrupt() as stop:
+        (runs / f"{preset.name}.started").write_text(str(os.getpid()))
+        while not stop.is_set():
+            time.sleep(0.01)
+        (runs / f"{preset.name}.checkpointed").write_text(str(stop.signum))
+    raise ReportInterrupted(f"{preset.name} was interrupted")
+
+
+def test_a_signal_stops_the_jobs_and_keeps_their_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")  # the patches reach the jobs
+    import os
+    import signal
+    import threading
+    import time
+
+    import implreg.report
+    from implreg.report import ReportInterrupted
+
+    monkeypatch.setattr(implreg.report, "_run_one", _waits_for_a_signal)
+    runs = tmp_path / "runs"
+
+    def send_when_started() -> None:
+        deadline = time.monotonic() + 60
+        while len(list(runs.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_started, daemon=True).start()
+    with pytest.raises(ReportInterrupted, match="tf-dynamics"):
+        build_report(
+            tmp_path,
+            "tiny",
+            presets=["tf-dynamics", "mf-det-sign", "mf-dynamics"],
+            checks=["lemma1-cp"],
+            log=str,
+            jobs=2,
+        )
+    # both running jobs got the signal and stopped cleanly; the third never started
+    assert sorted(p.name for p in runs.glob("*.checkpointed")) == [
+        "mf-det-sign.checkpointed",
+        "tf-dynamics.checkpointed",
+    ]
+    assert {p.read_text() for p in runs.glob("*.checkpointed")} == {str(int(signal.SIGTERM))}
+    assert not (runs / "mf-dynamics.started").exists()
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_report_killed_outright_stops_its_jobs_gracefully(tmp_path, monkeypatch):
+    # kill -9 of the report: each job gets SIGTERM from the OS (PR_SET_PDEATHSIG) and its run
+    # checkpoints, so it loses at most one checkpoint interval, as a run of its own would
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    import implreg.report
+
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")
+    monkeypatch.setattr(implreg.report, "_run_one", _waits_for_a_signal)
+    runs = tmp_path / "runs"
+
+    def report() -> None:
+        build_report(
+            tmp_path, "tiny", presets=["tf-dynamics", "mf-det-sign"], checks=[], log=str, jobs=2
+        )
+
+    proc = multiprocessing.get_context("fork").Process(target=report)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(runs.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(list(runs.glob("*.started"))) == 2, "the jobs did not start"
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(list(runs.glob("*.checkpointed"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.join()
+        for started in runs.glob("*.started"):  # never leave a job running
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(started.read_text()), signal.SIGKILL)
+    assert {p.read_text() for p in runs.glob("*.checkpointed")} == {str(int(signal.SIGTERM))}
+    assert len(list(runs.glob("*.checkpointed"))) == 2

@@ -59,11 +59,21 @@ def _worker_init(parent: int | None = None) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGKILL, parent)
+
+
+def die_with_parent(signum: int, parent: int | None = None) -> None:
+    """Have the OS send ``signum`` to this process when its parent dies (Linux ``prctl``).
+
+    ``parent`` is the pid the process was forked from, where known: a parent that died
+    before the ``prctl`` call sends nothing (man 2 prctl), so then the process exits at once
+    with :data:`ORPHANED`.  Elsewhere than Linux it does nothing.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG = 1
     if parent is not None and os.getppid() != parent:
         os._exit(ORPHANED)
 

@@ -118,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, metavar="N", help="torch threads per run (default: the policy)"
     )
     report.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="presets run side by side, each in its own process (default 1)",
+    )
+    report.add_argument(
         "--rerun", action="store_true", help="set earlier runs in --out aside and run again"
     )
     return ap
@@ -265,7 +272,7 @@ def _cmd_report(args) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    check_inputs(args.budget, names, args.out, args.data_dir, args.backend, seeds, None)
+    check_inputs(args.budget, names, args.out, args.data_dir, args.backend, seeds, None, args.jobs)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -282,6 +289,7 @@ def _cmd_report(args) -> int:
                 log=lambda msg: print(msg, flush=True),
                 seeds=seeds,
                 threads=args.threads,
+                jobs=args.jobs,
             )
     except ReportInterrupted as exc:
         print(f"implreg: interrupted: {exc}; the same command resumes", file=sys.stderr)

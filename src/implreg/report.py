@@ -114,6 +114,7 @@ class Report:
     checks: list[dict]
     times: dict[str, float]
     paths: dict[str, Path]
+    jobs: int = 1  # presets run side by side
 
     @property
     def claims(self) -> list[ClaimRow]:
@@ -138,6 +139,7 @@ def check_inputs(
     backend: str,
     seeds: Sequence[int] | None,
     checks: Sequence[str] | None,
+    jobs: int = 1,
 ) -> list[Preset]:
     """Refuse bad input in one sentence (:class:`ConfigError`) before any work starts."""
     from implreg.api import _check_backend, _check_out
@@ -165,6 +167,8 @@ def check_inputs(
     _check_backend(backend)
     if seeds is not None and (not seeds or min(seeds) < 0):
         raise ConfigError("--seeds must name at least one seed, none negative")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be a whole number >= 1, got {jobs!r}")
     if checks is not None:
         bad = [c for c in checks if c not in CHECKS]
         if bad:
@@ -474,6 +478,243 @@ def _sweep_overrides(preset: Preset, overrides: list[str]) -> list[str]:
     return overrides
 
 
+def _report_preset(
+    preset: Preset,
+    budget: str,
+    runs: Path,
+    data: str | None,
+    backend: str,
+    reuse: bool,
+    threads: int | None,
+    seeds: Sequence[int] | None,
+    log: Callable[[str], None],
+) -> tuple[PresetRow, dict[str, float]]:
+    """One preset's row of the report: its run, its claims and, with ``seeds``, its sweep."""
+    times: dict[str, float] = {}
+    row, summary, why = _run_one(preset, budget, runs, data, backend, reuse, threads, log)
+    times[f"run {preset.name}"] = row.seconds
+    row.claims = [evaluate_claim(preset.name, c, summary, budget, why) for c in preset.claims]
+    seeded = "seed" in {f.name for f in dataclasses.fields(preset.config)}
+    if seeds and seeded and summary is not None:
+        t0 = time.perf_counter()
+        try:
+            summaries, row.seed_dir = _run_seeds(
+                preset, budget, runs, seeds, data, backend, reuse, log
+            )
+        except (ConfigError, OSError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, ReportInterrupted):
+                raise
+            row.note = (row.note + "; " if row.note else "") + (
+                f"the seed sweep failed ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            )
+            summaries = []
+        row.seed_seconds = time.perf_counter() - t0
+        times[f"seeds {preset.name}"] = row.seed_seconds
+        for c, claim in zip(row.claims, preset.claims):
+            if summaries and c.verdict != NOT_RUN:
+                c.seeds = seed_statistics(claim, summaries)
+    counts = {v: sum(c.verdict == v for c in row.claims) for v in VERDICTS}
+    log(
+        f"{preset.name}: {row.status}, {row.seconds:.1f} s; claims "
+        + ", ".join(f"{n} {v}" for v, n in counts.items())
+    )
+    return row, times
+
+
+def _run_keys(preset: Preset, budget: str, data: str | None) -> tuple[str | None, set[str]]:
+    """The key of the run ``preset`` makes at ``budget`` and the keys of every run it makes.
+
+    A key is the experiment's name with the configuration (as ``config.json`` holds it), the
+    identity :func:`_equal_finished_run` copies by.  A preset that does not run at
+    ``budget``, or whose configuration does not resolve, has none (its job says why).
+    """
+    from implreg.api import resolve
+
+    overrides = budget_overrides(preset, budget)
+    if overrides is None:
+        return None, set()
+    if "data_dir" not in {f.name for f in dataclasses.fields(preset.config)}:
+        data = None
+    try:
+        _, _, cfg = resolve(preset.name, overrides=overrides, data_dir=data)
+        made = preset.experiment.run_configs(cfg)
+    except (ConfigError, OSError, RuntimeError, ValueError):
+        return None, set()
+
+    def key(name: str, c: Any) -> str:
+        return json.dumps([name, _config_json(c)], sort_keys=True)
+
+    return key(preset.experiment.name, cfg), {key(n, c) for n, c in made}
+
+
+JOB_START = "spawn"
+"""How a job process starts: a fresh interpreter, as ``implreg run`` would be.
+
+Not ``fork``: a process that has run a two-thread OpenMP region (libgomp, torch's CPU
+threads) and forks gives a child whose first parallel region waits forever for the pool's
+threads, which did not survive the fork (seen: a report job idle in the HTF gather after
+the tests had run two-thread steps).  The tests that patch the registry fork (``fork``
+here); a forked job then runs on one thread unless its run asks for more."""
+
+
+def _job(conn, name: str, args: tuple, parent: int, forked: bool) -> None:
+    """One preset of ``implreg report --jobs`` in its own process; replies on ``conn``.
+
+    Log lines go to the report as ``("log", line)``; the end is ``("done", row, times)``,
+    ``("interrupted", why)`` or ``("error", sentence)``.  A report killed outright
+    (``kill -9``) sends this process SIGTERM: the run checkpoints and stops, losing at most
+    one checkpoint interval, as a run of its own would.
+    """
+    import signal
+
+    from implreg.backends import die_with_parent
+    from implreg.experiments import PRESETS
+
+    # not the report's handlers, inherited through a fork (they signal the other jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGTERM, parent)
+    if forked:
+        import torch
+
+        torch.set_num_threads(1)  # see JOB_START
+
+    def log(line: str) -> None:
+        try:
+            conn.send(("log", line))
+        except (OSError, ValueError):  # the report is gone; the run goes on to its checkpoint
+            pass
+
+    try:
+        row, times = _report_preset(PRESETS[name], *args, log=log)
+        reply: tuple = ("done", row, times)
+    except (ReportInterrupted, KeyboardInterrupt) as exc:
+        reply = ("interrupted", str(exc) or f"{name} was interrupted")
+    except BaseException as exc:  # noqa: BLE001 - one sentence to the report, which goes on
+        reply = ("error", f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    try:
+        conn.send(reply)
+    except (OSError, ValueError):
+        pass
+    except Exception as exc:  # noqa: BLE001 - a reply that does not pickle
+        conn.send(("error", f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
+    conn.close()
+
+
+def _report_jobs(
+    chosen: Sequence[Preset],
+    jobs: int,
+    args: tuple,
+    budget: str,
+    data: str | None,
+    log: Callable[[str], None],
+    poll: float = 0.2,
+) -> tuple[list[PresetRow], dict[str, float]]:
+    """Run the presets ``jobs`` at a time, each in its own process, rows in registry order.
+
+    A preset starts in registry order once a job is free, except one whose configuration an
+    earlier, unfinished preset also makes (``htf-dynamics`` is the HTF panel of
+    ``dynamics-mf-tf-htf``): it waits for that run and copies it, as the serial report does.
+    Each run keeps its own thread policy (``--threads`` or the policy), so its numbers are
+    those of the serial report.  SIGINT or SIGTERM stops starting presets and passes the
+    signal on; the runs checkpoint and :class:`ReportInterrupted` follows (a second signal
+    kills them: each loses at most one checkpoint interval).  A job that dies is a failed
+    row naming its exit code; the report goes on.
+    """
+    import multiprocessing
+    import signal
+    from multiprocessing import connection as mp_connection
+
+    ctx = multiprocessing.get_context(JOB_START)
+    forked = JOB_START == "fork"
+    keys = {p.name: _run_keys(p, budget, data) for p in chosen}
+    done: dict[str, tuple[PresetRow, dict[str, float]]] = {}
+    queue = list(chosen)
+    running: dict[Any, tuple[Preset, Any, float]] = {}  # connection -> (preset, process, start)
+    interrupted: list[str] = []
+    signals: list[int] = []
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001
+        signals.append(signum)
+        for _, proc, _ in running.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signum if len(signals) == 1 else signal.SIGKILL)
+
+    def blocked(p: Preset) -> bool:
+        want = keys[p.name][0]
+        if want is None:
+            return False
+        earlier = chosen[: chosen.index(p)]
+        return any(q.name not in done and want in keys[q.name][1] for q in earlier)
+
+    def finish(p: Preset, row: PresetRow | None, times: dict[str, float], start: float) -> None:
+        if row is None:
+            row = PresetRow(p.name, p.reproduces, status="failed", note=times.pop("why", ""))
+            row.seconds = time.perf_counter() - start
+            row.claims = [
+                evaluate_claim(p.name, c, None, budget, f"the run failed ({row.note})")
+                for c in p.claims
+            ]
+            times = {f"run {p.name}": row.seconds}
+            log(f"{p.name}: FAILED ({row.note})")
+        done[p.name] = (row, times)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while queue or running:
+            while not signals and queue and len(running) < jobs:
+                ready = next((p for p in queue if not blocked(p)), None)
+                if ready is None:
+                    break
+                queue.remove(ready)
+                here, there = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_job, args=(there, ready.name, args, os.getpid(), forked))
+                proc.start()
+                there.close()
+                running[here] = (ready, proc, time.perf_counter())
+            if signals and not running:
+                break
+            for conn in mp_connection.wait(list(running), timeout=poll):
+                p, proc, start = running[conn]
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    running.pop(conn)
+                    conn.close()
+                    proc.join()
+                    if signals:
+                        interrupted.append(p.name)
+                    else:
+                        why = f"its job process died (exit code {proc.exitcode})"
+                        finish(p, None, {"why": why}, start)
+                    continue
+                if msg[0] == "log":
+                    log(msg[1])
+                    continue
+                running.pop(conn)
+                conn.close()
+                proc.join()
+                if msg[0] == "done":
+                    finish(p, msg[1], msg[2], start)
+                elif msg[0] == "interrupted":
+                    interrupted.append(p.name)
+                else:
+                    finish(p, None, {"why": msg[1]}, start)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for conn, (_, proc, _) in running.items():
+            proc.kill()
+            proc.join()
+            conn.close()
+    if signals or interrupted:
+        which = ", ".join(interrupted) or "no run was in progress"
+        raise ReportInterrupted(f"stopped ({which}); the finished runs are kept in {args[1]}")
+    rows = [done[p.name][0] for p in chosen]
+    times = {k: v for p in chosen for k, v in done[p.name][1].items()}
+    return rows, times
+
+
 def build_report(
     out_dir: str | Path,
     budget: str,
@@ -486,6 +727,7 @@ def build_report(
     seeds: Sequence[int] | None = None,
     checks: Sequence[str] | None = None,
     threads: int | None = None,
+    jobs: int = 1,
 ) -> Report:
     """Run (or reuse) every preset at ``budget`` and write the report into ``out_dir``.
 
@@ -494,56 +736,36 @@ def build_report(
     it); ``reuse=False`` sets earlier runs aside (renamed, never deleted) and
     runs again; ``seeds``: also run each seeded preset once per seed (median
     and IQR per claim); ``checks``: the theorem checks to run (default: all);
-    ``threads``: torch threads of each run (default: the thread policy).
+    ``threads``: torch threads of each run (default: the thread policy);
+    ``jobs``: presets run side by side, each in its own process (default one
+    at a time, in this process; see :func:`_report_jobs`).
     Returns the :class:`Report`; raises :class:`ConfigError` on bad input
     before any work and :class:`ReportInterrupted` after Ctrl-C.
     """
     from implreg.checks import run_checks
 
-    chosen = check_inputs(budget, presets, out_dir, data_dir, backend, seeds, checks)
+    chosen = check_inputs(budget, presets, out_dir, data_dir, backend, seeds, checks, jobs)
     out = Path(out_dir)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     data = str(Path(data_dir).resolve()) if data_dir is not None else None
     start = time.perf_counter()
-    times: dict[str, float] = {}
-    rows: list[PresetRow] = []
-    for preset in chosen:
-        row, summary, why = _run_one(preset, budget, runs, data, backend, reuse, threads, log)
-        times[f"run {preset.name}"] = row.seconds
-        row.claims = [evaluate_claim(preset.name, c, summary, budget, why) for c in preset.claims]
-        seeded = "seed" in {f.name for f in dataclasses.fields(preset.config)}
-        if seeds and seeded and summary is not None:
-            t0 = time.perf_counter()
-            try:
-                summaries, row.seed_dir = _run_seeds(
-                    preset, budget, runs, seeds, data, backend, reuse, log
-                )
-            except (ConfigError, OSError, RuntimeError, ValueError) as exc:
-                if isinstance(exc, ReportInterrupted):
-                    raise
-                row.note = (row.note + "; " if row.note else "") + (
-                    f"the seed sweep failed ({type(exc).__name__}: {' '.join(str(exc).split())})"
-                )
-                summaries = []
-            row.seed_seconds = time.perf_counter() - t0
-            times[f"seeds {preset.name}"] = row.seed_seconds
-            for c, claim in zip(row.claims, preset.claims):
-                if summaries and c.verdict != NOT_RUN:
-                    c.seeds = seed_statistics(claim, summaries)
-        rows.append(row)
-        counts = {v: sum(c.verdict == v for c in row.claims) for v in VERDICTS}
-        log(
-            f"{preset.name}: {row.status}, {row.seconds:.1f} s; claims "
-            + ", ".join(f"{n} {v}" for v, n in counts.items())
-        )
+    args = (budget, runs, data, backend, reuse, threads, seeds)
+    if jobs > 1 and len(chosen) > 1:
+        rows, times = _report_jobs(chosen, jobs, args, budget, data, log)
+    else:
+        rows, times = [], {}
+        for preset in chosen:
+            row, t = _report_preset(preset, *args, log=log)
+            rows.append(row)
+            times.update(t)
     t0 = time.perf_counter()
     log("theorem checks ...")
     results = run_checks(checks, seed=0, log=log)
     times["theorem checks"] = time.perf_counter() - t0
     check_rows = [r.as_dict() | {"passed": r.passed} for r in results]
     t0 = time.perf_counter()
-    report = Report(out, budget, rows, check_rows, times, {})
+    report = Report(out, budget, rows, check_rows, times, {}, jobs)
     times["total"] = time.perf_counter() - start  # up to the rendering, which is timed below
     report.paths = write_report(report, times_render_start=t0)
     return report
@@ -643,7 +865,8 @@ def _header(report: Report, times: dict[str, float]) -> dict[str, str]:
         "written": _dt.datetime.now().isoformat(timespec="seconds"),
         "claims": f"{counts[PASS]} pass, {counts[FAIL]} FAIL, {counts[NOT_RUN]} not run",
         "theorem checks": f"{checks_ok} of {len(report.checks)} pass",
-        "total time": f"{times['total']:.1f} s",
+        "total time": f"{times['total']:.1f} s"
+        + (f" ({report.jobs} presets side by side)" if report.jobs > 1 else ""),
         "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),
     }
 

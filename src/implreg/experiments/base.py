@@ -144,6 +144,15 @@ class Experiment(abc.ABC):
         """Whether a failed run's folder holds work worth keeping (then it is not removed)."""
         return any((Path(run_dir) / "units").glob("*.json"))
 
+    def run_configs(self, cfg: Any) -> list[tuple[str, Any]]:
+        """Every run a run of ``cfg`` makes, as ``(experiment name, configuration)`` pairs.
+
+        A run makes itself; an experiment made of sub-runs (``dynamics-mf-tf-htf``) names
+        them too, so ``implreg report --jobs`` can hold back a preset whose configuration is
+        one of them until that run is finished and can be copied.
+        """
+        return [(self.name, cfg)]
+
 
 FAILED = ("diverged", "non_finite")  # statuses of runs whose loss stopped being finite
 GREW = 10.0  # a final loss this many times the initial one is flagged

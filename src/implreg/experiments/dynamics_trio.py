@@ -165,6 +165,13 @@ class DynamicsTrio(Experiment):
             key=lambda e: e.bytes,
         )
 
+    def run_configs(self, cfg: TrioConfig) -> list[tuple[str, Any]]:
+        """The trio and its three panels (the HTF one is ``htf-dynamics``' configuration)."""
+        from implreg.experiments import PRESETS
+
+        panels = [(PRESETS[p].experiment.name, cfg.panel(k)) for k, p, *_ in PANELS]
+        return [(self.name, cfg), *panels]
+
     def has_finished_work(self, run_dir: Path) -> bool:
         return any(
             (Path(run_dir) / k / f).exists() for k, *_ in PANELS for f in (SUMMARY, CHECKPOINT)
