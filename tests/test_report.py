@@ -435,7 +435,8 @@ def test_a_signal_stops_the_jobs_and_keeps_their_runs(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=send_when_started, daemon=True).start()
-    with pytest.raises(ReportInterrupted, match="tf-dynamics"):
+    # the two longest start first (FULL_MINUTES: mf-dynamics, mf-det-sign), tf-dynamics waits
+    with pytest.raises(ReportInterrupted, match="mf-dynamics, mf-det-sign|mf-det-sign, mf-dyn"):
         build_report(
             tmp_path,
             "tiny",
@@ -447,11 +448,33 @@ def test_a_signal_stops_the_jobs_and_keeps_their_runs(tmp_path, monkeypatch):
     # both running jobs got the signal and stopped cleanly; the third never started
     assert sorted(p.name for p in runs.glob("*.checkpointed")) == [
         "mf-det-sign.checkpointed",
-        "tf-dynamics.checkpointed",
+        "mf-dynamics.checkpointed",
     ]
     assert {p.read_text() for p in runs.glob("*.checkpointed")} == {str(int(signal.SIGTERM))}
-    assert not (runs / "mf-dynamics.started").exists()
+    assert not (runs / "tf-dynamics.started").exists()
     assert not (tmp_path / "report.html").exists()
+
+
+def test_jobs_start_the_longest_first_and_keep_registry_order(tmp_path, monkeypatch):
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")
+    import implreg.report
+    from implreg.report import FULL_MINUTES
+
+    started: list[str] = []
+
+    def quick(preset, budget, runs, *args):
+        from implreg.report import PresetRow
+
+        return PresetRow(preset.name, preset.reproduces, status="ok"), None, ""
+
+    monkeypatch.setattr(implreg.report, "_run_one", quick)
+    names = ["tf-dynamics", "tf-order", "htf-large", "tensor-rank-complexity", "mf-det-sign"]
+    report = build_report(tmp_path, "tiny", presets=names, checks=[], log=started.append, jobs=2)
+    assert [p.name for p in report.presets] == [n for n in PRESETS if n in names]
+    order = [line.split(":")[0] for line in started if line.endswith("jobs running)")]
+    assert order == sorted(names, key=lambda n: -FULL_MINUTES[n])
+    assert order[0] == "tensor-rank-complexity"
+    assert set(FULL_MINUTES) == set(PRESETS)  # every preset has its estimate, no stale name
 
 
 def test_a_report_killed_outright_stops_its_jobs_gracefully(tmp_path, monkeypatch):

@@ -547,6 +547,29 @@ def _run_keys(preset: Preset, budget: str, data: str | None) -> tuple[str | None
     return key(preset.experiment.name, cfg), {key(n, c) for n, c in made}
 
 
+FULL_MINUTES = {
+    # About how long each preset runs at the full budget on the project's 2-core machine, in
+    # minutes; --jobs starts the longest first.  Only the start order depends on them, never a
+    # number.  From the README's measurements (implreg report --budget full, 2026-12-02/03).
+    "tensor-rank-complexity": 40.0,
+    "dynamics-mf-tf-htf": 34.0,
+    "htf-sensing": 34.0,
+    "htf-dynamics": 33.0,  # the trio's HTF panel: copied once the trio has finished
+    "htf-tree": 33.0,
+    "locality-pathfinder": 17.4,
+    "locality-is-same-class": 11.5,
+    "mf-depth-vs-nuclear": 4.0,
+    "tf-sensing": 3.7,
+    "htf-more-entries": 2.7,
+    "tf-flow": 2.4,
+    "tf-huber": 1.9,
+    "htf-large": 1.2,
+    "mf-dynamics": 1.0,
+    "mf-det-sign": 0.6,
+    "tf-dynamics": 0.5,
+    "tf-order": 0.4,
+}
+
 JOB_START = "spawn"
 """How a job process starts: a fresh interpreter, as ``implreg run`` would be.
 
@@ -612,8 +635,8 @@ def _report_jobs(
 ) -> tuple[list[PresetRow], dict[str, float]]:
     """Run the presets ``jobs`` at a time, each in its own process, rows in registry order.
 
-    A preset starts in registry order once a job is free, except one whose configuration an
-    earlier, unfinished preset also makes (``htf-dynamics`` is the HTF panel of
+    Presets start the longest first (:data:`FULL_MINUTES`) once a job is free, except one whose
+    run an unfinished preset also makes (``htf-dynamics`` is the HTF panel of
     ``dynamics-mf-tf-htf``): it waits for that run and copies it, as the serial report does.
     Each run keeps its own thread policy (``--threads`` or the policy), so its numbers are
     those of the serial report.  SIGINT or SIGTERM stops starting presets and passes the
@@ -629,7 +652,9 @@ def _report_jobs(
     forked = JOB_START == "fork"
     keys = {p.name: _run_keys(p, budget, data) for p in chosen}
     done: dict[str, tuple[PresetRow, dict[str, float]]] = {}
-    queue = list(chosen)
+    # the longest first (rows stay in registry order): a long preset started last would run
+    # alone at the end while the other jobs idle
+    queue = sorted(chosen, key=lambda p: -FULL_MINUTES.get(p.name, 1.0))
     running: dict[Any, tuple[Preset, Any, float]] = {}  # connection -> (preset, process, start)
     interrupted: list[str] = []
     signals: list[int] = []
@@ -640,12 +665,16 @@ def _report_jobs(
             if proc.is_alive():
                 os.kill(proc.pid, signum if len(signals) == 1 else signal.SIGKILL)
 
-    def blocked(p: Preset) -> bool:
+    def waits_for(p: Preset, q: Preset) -> bool:
+        """Whether ``p`` waits for ``q``: ``q`` also makes ``p``'s run (the trio makes
+        htf-dynamics'), or is the same run and comes first in registry order."""
         want = keys[p.name][0]
-        if want is None:
+        if q is p or want is None or want not in keys[q.name][1]:
             return False
-        earlier = chosen[: chosen.index(p)]
-        return any(q.name not in done and want in keys[q.name][1] for q in earlier)
+        return keys[q.name][0] != want or chosen.index(q) < chosen.index(p)
+
+    def blocked(p: Preset) -> bool:
+        return any(q.name not in done and waits_for(p, q) for q in chosen)
 
     def finish(p: Preset, row: PresetRow | None, times: dict[str, float], start: float) -> None:
         if row is None:
@@ -672,6 +701,7 @@ def _report_jobs(
                 proc.start()
                 there.close()
                 running[here] = (ready, proc, time.perf_counter())
+                log(f"{ready.name}: started ({len(running)} of {jobs} jobs running)")
             if signals and not running:
                 break
             for conn in mp_connection.wait(list(running), timeout=poll):
