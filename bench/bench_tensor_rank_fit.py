@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import mnist_one_vs_rest
 
 from implreg.factorizations import cp_logdomain
 from implreg.factorizations.cp_exp import fit_exp_sum
 from implreg.optim.exp_sum_fit import fit_exp_sum_converged
-from implreg.problems.images import discretize, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,12 +100,10 @@ def main() -> None:
     ap.add_argument("--new", choices=["packed", "converged"], default="packed")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if not (args.data_dir / "mnist").is_dir():
-        print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
+    loaded = mnist_one_vs_rest(args.data_dir, args.cls, np.float32)
+    if loaded is None:
         return
-    data = load_dataset("mnist", args.data_dir)
-    x = torch.from_numpy(discretize(data["train"].images))
-    y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float32))
+    x, y = loaded
     if args.compare:
         compare(x, y, args.rank, args.pairs, args.long, args.new, args.threads)
         return

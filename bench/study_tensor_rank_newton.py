@@ -41,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import mnist_one_vs_rest
 
 from implreg.factorizations.cp_exp import fit_exp_sum
 from implreg.factorizations.cp_exp_binary import BinaryExpSumObjective
-from implreg.problems.images import discretize, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -142,12 +142,10 @@ def main() -> None:
     ap.add_argument("--norms", action="store_true", help="weight norms along one long fit")
     ap.add_argument("--iterations", type=int, default=10000, help="with --norms")
     args = ap.parse_args()
-    if not (args.data_dir / "mnist").is_dir():
-        print(f"skipped: no MNIST under {args.data_dir} (pass --data-dir)")
+    loaded = mnist_one_vs_rest(args.data_dir, args.cls, np.float64)
+    if loaded is None:
         return
-    data = load_dataset("mnist", args.data_dir)
-    x = torch.from_numpy(discretize(data["train"].images))
-    y = torch.from_numpy((data["train"].labels == args.cls).astype(np.float64))
+    x, y = loaded
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.norms:
         weight_norms(x, y, args.rank, args.iterations, every=500)

@@ -1447,23 +1447,30 @@ def _alive(pid: int) -> bool:
 def test_kill_9_of_a_grid_driver_leaves_no_worker(tmp_path, procs):
     over = {"shape": "30,30", "depths": "1,2,3", "max_iterations": "1000000", "tol": "0"}
     driver = procs([*tiny("mf-dynamics", **over, workers="2"), "--out", tmp_path / "r"], tmp_path)
+    left = _kill_9_once_two_children_run(driver, within=5)
+    assert not left, f"workers {left} outlived their driver by 5 s"
+
+
+def _kill_9_once_two_children_run(proc: Proc, within: float) -> list[int]:
+    """kill -9 ``proc`` once two of its children run; the children alive ``within`` s later
+    (killed then, so none is left running)."""
     found: set[int] = set()
 
-    def two_workers() -> bool:
-        found.update(_children(driver.p.pid))
+    def two_children() -> bool:
+        found.update(_children(proc.p.pid))
         return len([c for c in found if _alive(c)]) >= 2
 
-    assert driver.wait_until(two_workers, 120), f"no workers started: {driver.stderr[-400:]}"
-    os.kill(driver.p.pid, signal.SIGKILL)
-    driver.finish(30)
-    end = time.monotonic() + 5
+    assert proc.wait_until(two_children, 120), f"no children started: {proc.stderr[-400:]}"
+    os.kill(proc.p.pid, signal.SIGKILL)
+    proc.finish(30)
+    end = time.monotonic() + within
     while time.monotonic() < end and any(_alive(c) for c in found):
         time.sleep(0.05)
     left = sorted(c for c in found if _alive(c))
     for c in left:  # do not leave them running
         with _suppress():
             os.kill(c, signal.SIGKILL)
-    assert not left, f"workers {left} outlived their driver by 5 s"
+    return left
 
 
 def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
@@ -1471,22 +1478,7 @@ def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
     # jobs with it (they get SIGTERM, as a run killed by the system would), none runs on
     args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,mf-det-sign"]
     report = procs([*args, "--out", tmp_path / "rep"], tmp_path)
-    found: set[int] = set()
-
-    def two_jobs() -> bool:
-        found.update(_children(report.p.pid))
-        return len([c for c in found if _alive(c)]) >= 2
-
-    assert report.wait_until(two_jobs, 120), f"no jobs started: {report.stderr[-400:]}"
-    os.kill(report.p.pid, signal.SIGKILL)
-    report.finish(30)
-    end = time.monotonic() + 10
-    while time.monotonic() < end and any(_alive(c) for c in found):
-        time.sleep(0.05)
-    left = sorted(c for c in found if _alive(c))
-    for c in left:  # do not leave them running
-        with _suppress():
-            os.kill(c, signal.SIGKILL)
+    left = _kill_9_once_two_children_run(report, within=10)
     assert not left, f"jobs {left} outlived their report by 10 s"
     assert not list((tmp_path / "rep").glob("report.*"))  # no page from a report cut short
 
