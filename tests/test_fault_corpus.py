@@ -1483,6 +1483,28 @@ def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
     assert not list((tmp_path / "rep").glob("report.*"))  # no page from a report cut short
 
 
+@pytest.mark.parametrize("when", ["started", "running"])
+def test_ctrl_c_of_a_report_with_jobs_exits_130_without_traceback(when, tmp_path, procs):
+    # Ctrl-C reaches the report and its jobs (one process group): while the jobs still import
+    # ("started") and while their runs run; every job stops, none prints a traceback
+    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,mf-det-sign"]
+    report = procs([*args, "--out", tmp_path / "rep"], tmp_path)
+    mark = "jobs running)" if when == "started" else "running (tiny budget)"
+    found: set[int] = set()
+
+    def both() -> bool:
+        found.update(_children(report.p.pid))
+        return sum(mark in line for line in report.out) >= 2
+
+    assert report.wait_until(both, 120), f"no jobs started: {report.stderr[-400:]}"
+    os.killpg(report.p.pid, signal.SIGINT)
+    assert report.finish(60) == 130, report.stderr[-600:]
+    no_traceback(report.stderr)
+    assert "interrupted" in report.stderr and "the same command resumes" in report.stderr
+    assert not [c for c in found if _alive(c)]
+    assert not list((tmp_path / "rep").glob("report.*"))
+
+
 def test_a_second_resume_of_a_folder_in_use_is_refused(tmp_path, procs, capsys):
     cut = tmp_path / "cut"
     cfg = with_overrides(tiny_config(TF), {**KILL_TF, "max_iterations": "1000"})

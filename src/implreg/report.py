@@ -593,8 +593,10 @@ def _job(conn, name: str, args: tuple, parent: int, forked: bool) -> None:
     from implreg.backends import die_with_parent
     from implreg.experiments import PRESETS
 
-    # not the report's handlers, inherited through a fork (they signal the other jobs)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM stops the job (the report passes every signal on as SIGTERM); the run installs
+    # its own handlers of SIGINT and SIGTERM while it runs.  Not the report's handlers,
+    # inherited through a fork (they would signal the other jobs).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(signal.SIGTERM, parent)
     if forked:
@@ -639,9 +641,10 @@ def _report_jobs(
     run an unfinished preset also makes (``htf-dynamics`` is the HTF panel of
     ``dynamics-mf-tf-htf``): it waits for that run and copies it, as the serial report does.
     Each run keeps its own thread policy (``--threads`` or the policy), so its numbers are
-    those of the serial report.  SIGINT or SIGTERM stops starting presets and passes the
-    signal on; the runs checkpoint and :class:`ReportInterrupted` follows (a second signal
-    kills them: each loses at most one checkpoint interval).  A job that dies is a failed
+    those of the serial report.  SIGINT or SIGTERM stops starting presets and passes
+    SIGTERM on (a run interrupted by itself stops the others too); the runs checkpoint and
+    :class:`ReportInterrupted` follows (a second signal kills them: each loses at most one
+    checkpoint interval).  A job that dies is a failed
     row naming its exit code; the report goes on.
     """
     import multiprocessing
@@ -659,11 +662,19 @@ def _report_jobs(
     interrupted: list[str] = []
     signals: list[int] = []
 
-    def on_signal(signum, frame) -> None:  # noqa: ARG001
-        signals.append(signum)
+    stopping: list[str] = []  # why no preset starts any more
+
+    def stop(why: str, signum: int = signal.SIGTERM) -> None:
+        stopping.append(why)
         for _, proc, _ in running.values():
             if proc.is_alive():
-                os.kill(proc.pid, signum if len(signals) == 1 else signal.SIGKILL)
+                os.kill(proc.pid, signum)
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001
+        signals.append(signum)
+        # SIGTERM, not the signal itself: a job still starting (importing) then ends silently,
+        # a running one checkpoints; a second signal kills them
+        stop(f"signal {signum}", signal.SIGTERM if len(signals) == 1 else signal.SIGKILL)
 
     def waits_for(p: Preset, q: Preset) -> bool:
         """Whether ``p`` waits for ``q``: ``q`` also makes ``p``'s run (the trio makes
@@ -691,18 +702,24 @@ def _report_jobs(
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while queue or running:
-            while not signals and queue and len(running) < jobs:
+            while not stopping and queue and len(running) < jobs:
                 ready = next((p for p in queue if not blocked(p)), None)
                 if ready is None:
                     break
                 queue.remove(ready)
                 here, there = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_job, args=(there, ready.name, args, os.getpid(), forked))
-                proc.start()
+                # the job starts with SIGINT ignored (kept across exec): a Ctrl-C while it
+                # imports would end it with a traceback; the report passes SIGTERM on instead
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    proc.start()
+                finally:
+                    signal.signal(signal.SIGINT, on_signal)
                 there.close()
                 running[here] = (ready, proc, time.perf_counter())
                 log(f"{ready.name}: started ({len(running)} of {jobs} jobs running)")
-            if signals and not running:
+            if stopping and not running:
                 break
             for conn in mp_connection.wait(list(running), timeout=poll):
                 p, proc, start = running[conn]
@@ -712,7 +729,7 @@ def _report_jobs(
                     running.pop(conn)
                     conn.close()
                     proc.join()
-                    if signals:
+                    if stopping:
                         interrupted.append(p.name)
                     else:
                         why = f"its job process died (exit code {proc.exitcode})"
@@ -726,8 +743,10 @@ def _report_jobs(
                 proc.join()
                 if msg[0] == "done":
                     finish(p, msg[1], msg[2], start)
-                elif msg[0] == "interrupted":
+                elif msg[0] == "interrupted":  # a Ctrl-C reached the run itself, say
                     interrupted.append(p.name)
+                    if not stopping:
+                        stop(f"{p.name} was interrupted")
                 else:
                     finish(p, None, {"why": msg[1]}, start)
     finally:
@@ -737,7 +756,7 @@ def _report_jobs(
             proc.kill()
             proc.join()
             conn.close()
-    if signals or interrupted:
+    if stopping or interrupted:
         which = ", ".join(interrupted) or "no run was in progress"
         raise ReportInterrupted(f"stopped ({which}); the finished runs are kept in {args[1]}")
     rows = [done[p.name][0] for p in chosen]
