@@ -515,3 +515,21 @@ def test_a_report_killed_outright_stops_its_jobs_gracefully(tmp_path, monkeypatc
                 os.kill(int(started.read_text()), signal.SIGKILL)
     assert {p.read_text() for p in runs.glob("*.checkpointed")} == {str(int(signal.SIGTERM))}
     assert len(list(runs.glob("*.checkpointed"))) == 2
+
+
+def test_jobs_that_would_wait_for_each_other_still_run(tmp_path, monkeypatch):
+    # two runs each claiming to make the other's (no preset does): the first goes anyway
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")
+    import implreg.report
+    from implreg.report import PresetRow
+
+    def quick(preset, budget, runs, *args):
+        return PresetRow(preset.name, preset.reproduces, status="ok"), None, ""
+
+    cycle = {"tf-dynamics": ("a", {"a", "b"}), "mf-det-sign": ("b", {"a", "b"})}
+    monkeypatch.setattr(implreg.report, "_run_one", quick)
+    monkeypatch.setattr(implreg.report, "_run_keys", lambda p, budget, data: cycle[p.name])
+    names = list(cycle)
+    report = build_report(tmp_path, "tiny", presets=names, checks=[], log=str, jobs=2)
+    assert sorted(p.name for p in report.presets) == sorted(names)
+    assert all(p.status == "ok" for p in report.presets)

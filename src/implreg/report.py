@@ -644,8 +644,8 @@ def _report_jobs(
     those of the serial report.  SIGINT or SIGTERM stops starting presets and passes
     SIGTERM on (a run interrupted by itself stops the others too); the runs checkpoint and
     :class:`ReportInterrupted` follows (a second signal kills them: each loses at most one
-    checkpoint interval).  A job that dies is a failed
-    row naming its exit code; the report goes on.
+    checkpoint interval).  A job that dies is a failed row naming its exit code; the report
+    goes on.
     """
     import multiprocessing
     import signal
@@ -703,7 +703,9 @@ def _report_jobs(
     try:
         while queue or running:
             while not stopping and queue and len(running) < jobs:
-                ready = next((p for p in queue if not blocked(p)), None)
+                # with nothing running the first goes, so no wait can be without end
+                fallback = None if running else queue[0]
+                ready = next((p for p in queue if not blocked(p)), fallback)
                 if ready is None:
                     break
                 queue.remove(ready)
