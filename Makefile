@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/implreg run tf-dynamics --out $(DEMO)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -148,3 +148,47 @@ def test_a_worker_whose_driver_died_before_its_prctl_exits_at_once(tmp_path, orp
         assert proc.exitcode == ORPHANED and not marker.exists()
     else:
         assert here.recv() == ("ok", "done") and marker.exists() and proc.exitcode == 0
+
+
+_AFTER_TWO_THREADS = """
+import sys, time
+import torch
+from implreg.backends import map_local, start_method
+
+def unit(x):
+    a = torch.randn(400, 400)
+    for _ in range(3):
+        a @ a
+    return torch.get_num_threads()
+
+if __name__ == "__main__":
+    assert "ray" not in sys.modules
+    assert (start_method(1), start_method(2)) == ("fork", "forkserver")
+    torch.set_num_threads(2)
+    a = torch.randn(400, 400)
+    for _ in range(5):
+        a @ a  # the driver has run two-thread OpenMP regions
+    seen = {}
+    map_local(unit, [0, 1], workers=2, threads=int(sys.argv[1]), on_result=seen.__setitem__)
+    print(sorted(seen.items()))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_workers_run_after_the_driver_computed_on_two_threads(tmp_path, threads):
+    """A worker forked from a driver that has run a two-thread OpenMP region hangs in its own
+    first two-thread region (GNU OpenMP's pool does not survive fork): workers of more than
+    one thread start from a fork server.  Before that this run never ended at threads=2."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(_AFTER_TWO_THREADS)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([(0, threads), (1, threads)])

@@ -95,6 +95,23 @@ def _child(conn, fn: Callable[[Any], Any], item: Any, threads: int, parent: int 
     conn.close()
 
 
+def start_method(threads: int) -> str:
+    """How :func:`map_local` starts a worker: ``"fork"`` where that is safe, else ``"forkserver"``.
+
+    A forked child inherits the driver's state but not its threads, and two kinds of
+    state do not survive that.  GNU OpenMP's thread pool: a driver that has run a
+    two-thread region forks a child whose first region on more than one thread waits
+    forever (measured: a 600 x 600 product in a two-thread worker after the driver's
+    two-thread products never returned; on one thread it ran), so a worker that gets
+    more than one thread starts from a fork server, a fresh process that has computed
+    nothing.  And Ray's gRPC threads, which outlive ``ray.shutdown``: a worker forked
+    after Ray ran in the driver crashed (SIGSEGV), so then every worker starts from the
+    server.  Forking stays the default otherwise: it costs nothing and takes closures.
+    """
+    after_ray = any(name in sys.modules for name in ("ray", "grpc"))
+    return "forkserver" if after_ray or threads > 1 else "fork"
+
+
 def map_local(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
@@ -105,7 +122,7 @@ def map_local(
     interrupt: InterruptFlag | None = None,
     poll: float = 0.1,
 ) -> bool:
-    """Local worker processes, one forked per item (``workers`` at a time).
+    """Local worker processes, one per item (``workers`` at a time; :func:`start_method`).
 
     A worker that dies (a crash, the out-of-memory killer) is an error naming
     its exit code, never a hang.  On an interrupt or an error the workers in
@@ -116,13 +133,12 @@ def map_local(
 
     if not items:
         return False
-    # Forking a process that has run Ray (its gRPC threads outlive ray.shutdown) can
-    # crash the child (seen: SIGSEGV in a worker of a local grid run after a Ray test in
-    # the same process); then the workers start from a clean server process instead.
-    after_ray = any(name in sys.modules for name in ("ray", "grpc"))
-    ctx = multiprocessing.get_context("forkserver" if after_ray else "fork")
+    method = start_method(threads)
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch"])
     # a forked worker's parent is this process; a forkserver's child has the server as parent
-    parent = None if after_ray else os.getpid()
+    parent = os.getpid() if method == "fork" else None
     queue = list(enumerate(items))
     running: dict[Any, tuple[int, Any]] = {}  # connection -> (item index, process)
     try:
