@@ -94,6 +94,22 @@ def test_config_json_reproduces_the_run(name, tiny_runs, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_run_threads_is_what_the_run_used(name, tiny_runs):
+    """``Experiment.run_threads`` (how ``report --jobs`` fits runs to the cores) agrees with
+    the thread count the run recorded: the step's own, or per unit times the units at once."""
+    run = tiny_runs[name]
+    exp = run.experiment
+    said = exp.run_threads(run.config)
+    assert isinstance(said, int) and said >= 1
+    if "threads" in run.summary:
+        assert said == run.summary["threads"]
+    elif run.summary.get("threads_per_unit") is not None:
+        at_once = min(max(1, exp.workers(run.config)), len(exp.units(run.config)))
+        assert said == run.summary["threads_per_unit"] * at_once
+    assert exp.run_threads(run.config, requested=3) % 3 == 0  # --threads 3 per step or unit
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_plot_redraws_from_the_folder_alone(name, tiny_runs, tmp_path, capsys):
     import shutil
 

@@ -468,6 +468,7 @@ def test_jobs_start_the_longest_first_and_keep_registry_order(tmp_path, monkeypa
         return PresetRow(preset.name, preset.reproduces, status="ok"), None, ""
 
     monkeypatch.setattr(implreg.report, "_run_one", quick)
+    monkeypatch.setattr(implreg.report, "_run_threads", lambda *a: 1)  # the order alone
     names = ["tf-dynamics", "tf-order", "htf-large", "tensor-rank-complexity", "mf-det-sign"]
     report = build_report(tmp_path, "tiny", presets=names, checks=[], log=started.append, jobs=2)
     assert [p.name for p in report.presets] == [n for n in PRESETS if n in names]
@@ -533,3 +534,48 @@ def test_jobs_that_would_wait_for_each_other_still_run(tmp_path, monkeypatch):
     report = build_report(tmp_path, "tiny", presets=names, checks=[], log=str, jobs=2)
     assert sorted(p.name for p in report.presets) == sorted(names)
     assert all(p.status == "ok" for p in report.presets)
+
+
+def _timed(preset, budget, runs, *args):
+    """A run that takes a moment and records when it ran."""
+    import time
+
+    from implreg.report import PresetRow
+
+    start = time.monotonic()
+    time.sleep(0.3)
+    (runs / f"{preset.name}.ran").write_text(f"{start} {time.monotonic()}")
+    return PresetRow(preset.name, preset.reproduces, status="ok"), None, ""
+
+
+def test_jobs_keep_the_threads_in_use_within_the_cores(tmp_path, monkeypatch):
+    # a two-thread run beside another on two cores ran 3.2x slower than alone: it waits until
+    # it can have both cores, and one-thread runs pair up meanwhile
+    monkeypatch.setattr("implreg.report.JOB_START", "fork")
+    import implreg.report
+
+    need = {"tensor-rank-complexity": 2, "mf-det-sign": 2, "tf-dynamics": 1, "tf-order": 1}
+    need |= {"htf-large": 1, "tf-huber": 1}
+    monkeypatch.setattr(implreg.report, "_run_one", _timed)
+    monkeypatch.setattr(implreg.report, "_run_threads", lambda p, *a: need[p.name])
+    monkeypatch.setattr("implreg.threads.available_cores", lambda: 2)
+    lines: list[str] = []
+    report = build_report(tmp_path, "tiny", presets=list(need), checks=[], log=lines.append, jobs=2)
+    assert all(p.status == "ok" for p in report.presets)
+    ran = {
+        n: [float(t) for t in (tmp_path / "runs" / f"{n}.ran").read_text().split()] for n in need
+    }
+    for n, (a, b) in ran.items():
+        for m, (c, d) in ran.items():
+            if m != n and a < d and c < b:  # n and m ran at the same time
+                assert need[n] + need[m] <= 2, f"{n} and {m} ran side by side"
+    started = {line.split(":")[0]: line for line in lines if line.endswith("jobs running)")}
+    assert started["tensor-rank-complexity"].endswith("(1 of 2 jobs running)")  # the longest
+    pairs = [n for n in need if need[n] == 1 and started[n].endswith("(2 of 2 jobs running)")]
+    assert pairs, "no two one-thread runs went side by side"
+    # more jobs than cores: the threads of --jobs 3 may run at once (the user asked for them)
+    lines.clear()
+    build_report(
+        tmp_path / "three", "tiny", presets=list(need), checks=[], log=lines.append, jobs=3
+    )
+    assert any(line.endswith("(3 of 3 jobs running)") for line in lines)

@@ -528,15 +528,10 @@ def _run_keys(preset: Preset, budget: str, data: str | None) -> tuple[str | None
     identity :func:`_equal_finished_run` copies by.  A preset that does not run at
     ``budget``, or whose configuration does not resolve, has none (its job says why).
     """
-    from implreg.api import resolve
-
-    overrides = budget_overrides(preset, budget)
-    if overrides is None:
+    cfg = _budget_config(preset, budget, data)
+    if cfg is None:
         return None, set()
-    if "data_dir" not in {f.name for f in dataclasses.fields(preset.config)}:
-        data = None
     try:
-        _, _, cfg = resolve(preset.name, overrides=overrides, data_dir=data)
         made = preset.experiment.run_configs(cfg)
     except (ConfigError, OSError, RuntimeError, ValueError):
         return None, set()
@@ -545,6 +540,34 @@ def _run_keys(preset: Preset, budget: str, data: str | None) -> tuple[str | None
         return json.dumps([name, _config_json(c)], sort_keys=True)
 
     return key(preset.experiment.name, cfg), {key(n, c) for n, c in made}
+
+
+def _budget_config(preset: Preset, budget: str, data: str | None) -> Any | None:
+    """The configuration ``preset`` runs at ``budget``; None if it does not run there or its
+    configuration does not resolve (its job then says why)."""
+    from implreg.api import resolve
+
+    overrides = budget_overrides(preset, budget)
+    if overrides is None:
+        return None
+    if "data_dir" not in {f.name for f in dataclasses.fields(preset.config)}:
+        data = None
+    try:
+        return resolve(preset.name, overrides=overrides, data_dir=data)[2]
+    except (ConfigError, OSError, RuntimeError, ValueError):
+        return None
+
+
+def _run_threads(preset: Preset, budget: str, data: str | None, threads: int | None) -> int:
+    """Threads the run of ``preset`` at ``budget`` keeps busy (:meth:`Experiment.run_threads`);
+    one where that is unknown (a run that does not start)."""
+    cfg = _budget_config(preset, budget, data)
+    if cfg is None:
+        return 1
+    try:
+        return max(1, int(preset.experiment.run_threads(cfg, threads)))
+    except (ConfigError, OSError, RuntimeError, ValueError):
+        return 1
 
 
 FULL_MINUTES = {
@@ -641,8 +664,12 @@ def _report_jobs(
     run an unfinished preset also makes (``htf-dynamics`` is the HTF panel of
     ``dynamics-mf-tf-htf``): it waits for that run and copies it, as the serial report does.
     Each run keeps its own thread policy (``--threads`` or the policy), so its numbers are
-    those of the serial report.  SIGINT or SIGTERM stops starting presets and passes
-    SIGTERM on (a run interrupted by itself stops the others too); the runs checkpoint and
+    those of the serial report, and a preset starts only while the threads of the running
+    ones and its own (:meth:`Experiment.run_threads`) fit in the cores (or in ``jobs``
+    threads, if more): a two-thread run waits until it can have both cores, and one-thread
+    runs fill the jobs meanwhile; with nothing running the first goes anyway.  SIGINT or
+    SIGTERM stops starting presets and passes SIGTERM on (a run interrupted by itself stops
+    the others too); the runs checkpoint and
     :class:`ReportInterrupted` follows (a second signal kills them: each loses at most one
     checkpoint interval).  A job that dies is a failed row naming its exit code; the report
     goes on.
@@ -651,9 +678,16 @@ def _report_jobs(
     import signal
     from multiprocessing import connection as mp_connection
 
+    from implreg.threads import available_cores
+
     ctx = multiprocessing.get_context(JOB_START)
     forked = JOB_START == "fork"
     keys = {p.name: _run_keys(p, budget, data) for p in chosen}
+    need = {p.name: _run_threads(p, budget, data, args[5]) for p in chosen}
+    # the runs side by side keep at most this many threads busy: a two-thread run beside a
+    # one-thread run on two cores ran 3.2x slower than alone (the Figure 4 grid beside the
+    # HTF panel, 2026-12-03), while two one-thread runs each kept their own speed
+    cores = max(available_cores(), jobs)
     done: dict[str, tuple[PresetRow, dict[str, float]]] = {}
     # the longest first (rows stay in registry order): a long preset started last would run
     # alone at the end while the other jobs idle
@@ -687,6 +721,9 @@ def _report_jobs(
     def blocked(p: Preset) -> bool:
         return any(q.name not in done and waits_for(p, q) for q in chosen)
 
+    def fits(p: Preset) -> bool:
+        return sum(need[q.name] for q, _, _ in running.values()) + need[p.name] <= cores
+
     def finish(p: Preset, row: PresetRow | None, times: dict[str, float], start: float) -> None:
         if row is None:
             row = PresetRow(p.name, p.reproduces, status="failed", note=times.pop("why", ""))
@@ -705,7 +742,7 @@ def _report_jobs(
             while not stopping and queue and len(running) < jobs:
                 # with nothing running the first goes, so no wait can be without end
                 fallback = None if running else queue[0]
-                ready = next((p for p in queue if not blocked(p)), fallback)
+                ready = next((p for p in queue if not blocked(p) and fits(p)), fallback)
                 if ready is None:
                     break
                 queue.remove(ready)

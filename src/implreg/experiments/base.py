@@ -144,6 +144,17 @@ class Experiment(abc.ABC):
         """Whether a failed run's folder holds work worth keeping (then it is not removed)."""
         return any((Path(run_dir) / "units").glob("*.json"))
 
+    def run_threads(self, cfg: Any, requested: int | None = None) -> int:
+        """How many threads a run of ``cfg`` keeps busy at once on this machine.
+
+        ``requested`` is a ``--threads`` value.  ``implreg report --jobs`` starts a preset
+        only while the running ones leave it enough cores.  The default is torch's own
+        default, every core; experiments that choose their thread count say which.
+        """
+        from implreg.threads import available_cores
+
+        return int(requested) if requested is not None else available_cores()
+
     def run_configs(self, cfg: Any) -> list[tuple[str, Any]]:
         """Every run a run of ``cfg`` makes, as ``(experiment name, configuration)`` pairs.
 

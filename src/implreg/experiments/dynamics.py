@@ -115,6 +115,10 @@ class DynamicsExperiment(Experiment):
     def has_finished_work(self, run_dir: Path) -> bool:
         return (Path(run_dir) / CHECKPOINT).exists()
 
+    def run_threads(self, cfg: Any, requested: int | None = None) -> int:
+        """The thread policy's count for the step (:func:`implreg.threads.threads_for_config`)."""
+        return threads_for_config(cfg, requested=requested)
+
     def run(self, cfg: Any, prepared: Any, ctx: RunContext) -> Outcome:
         dyn = self.build(cfg, prepared)
         state = None

@@ -165,6 +165,14 @@ class DynamicsTrio(Experiment):
             key=lambda e: e.bytes,
         )
 
+    def run_threads(self, cfg: TrioConfig, requested: int | None = None) -> int:
+        """The busiest panel's (they run one after another)."""
+        from implreg.experiments import PRESETS
+
+        return max(
+            PRESETS[p].experiment.run_threads(cfg.panel(k), requested) for k, p, *_ in PANELS
+        )
+
     def run_configs(self, cfg: TrioConfig) -> list[tuple[str, Any]]:
         """The trio and its three panels (the HTF one is ``htf-dynamics``' configuration)."""
         from implreg.experiments import PRESETS

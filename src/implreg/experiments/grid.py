@@ -54,6 +54,25 @@ class GridExperiment(Experiment):
         work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
         return choose_threads(max(work)) if work else None
 
+    def run_threads(self, cfg: Any, requested: int | None = None) -> int:
+        """Threads per unit (as :meth:`threads` and the backend choose them) times the units
+        run at once."""
+        from implreg.backends import default_threads
+        from implreg.threads import available_cores, choose_threads, config_step_flops
+
+        grid = self.units(cfg)
+        workers = max(1, self.workers(cfg))
+        at_once = max(1, min(workers, len(grid)))
+        if requested is not None:
+            per = int(requested)
+        else:
+            work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
+            if work:
+                per = choose_threads(max(work))
+            else:  # in process: torch's default; in workers: the backend's share
+                per = default_threads(workers) if workers > 1 else available_cores()
+        return per * at_once
+
     def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
         """(config, units, finished results by unit name) of a run folder, for plots."""
         from implreg.runs import CONFIG, read_json

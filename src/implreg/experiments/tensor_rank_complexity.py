@@ -137,6 +137,12 @@ class TensorRankComplexity(GridExperiment):
             )
         return cfg
 
+    def run_threads(self, cfg: TensorRankConfig, requested: int | None = None) -> int:
+        """``threads`` > 0 is every unit's own count (it wins over ``--threads``)."""
+        if cfg.threads > 0:
+            return cfg.threads * max(1, cfg.workers)
+        return super().run_threads(cfg, requested)
+
     def units(self, cfg: TensorRankConfig, device: str = "cpu") -> list[RankUnit]:
         """Linear baselines first (fast), then fits by dataset, inputs and rank."""
         data_dir = str(resolve_data_dir(cfg.data_dir).resolve())
