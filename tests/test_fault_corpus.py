@@ -1474,9 +1474,9 @@ def _kill_9_once_two_children_run(proc: Proc, within: float) -> list[int]:
 
 
 def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
-    # two presets side by side, each in its own process: a report killed outright takes its
-    # jobs with it (they get SIGTERM, as a run killed by the system would), none runs on
-    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,mf-det-sign"]
+    # two one-thread presets side by side, each in its own process: a report killed outright
+    # takes its jobs with it (they get SIGTERM, as a run killed by the system would)
+    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,tf-huber"]
     report = procs([*args, "--out", tmp_path / "rep"], tmp_path)
     left = _kill_9_once_two_children_run(report, within=10)
     assert not left, f"jobs {left} outlived their report by 10 s"
@@ -1487,7 +1487,7 @@ def test_kill_9_of_a_report_with_jobs_leaves_no_job(tmp_path, procs):
 def test_ctrl_c_of_a_report_with_jobs_exits_130_without_traceback(when, tmp_path, procs):
     # Ctrl-C reaches the report and its jobs (one process group): while the jobs still import
     # ("started") and while their runs run; every job stops, none prints a traceback
-    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,mf-det-sign"]
+    args = ["report", "--budget", "tiny", "--jobs", "2", "--only", "tf-dynamics,tf-huber"]
     report = procs([*args, "--out", tmp_path / "rep"], tmp_path)
     mark = "jobs running)" if when == "started" else "running (tiny budget)"
     found: set[int] = set()

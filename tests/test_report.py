@@ -426,6 +426,7 @@ def test_a_signal_stops_the_jobs_and_keeps_their_runs(tmp_path, monkeypatch):
     from implreg.report import ReportInterrupted
 
     monkeypatch.setattr(implreg.report, "_run_one", _waits_for_a_signal)
+    monkeypatch.setattr(implreg.report, "_run_threads", lambda *a: 1)  # any two side by side
     runs = tmp_path / "runs"
 
     def send_when_started() -> None:
@@ -490,6 +491,7 @@ def test_a_report_killed_outright_stops_its_jobs_gracefully(tmp_path, monkeypatc
 
     monkeypatch.setattr("implreg.report.JOB_START", "fork")
     monkeypatch.setattr(implreg.report, "_run_one", _waits_for_a_signal)
+    monkeypatch.setattr(implreg.report, "_run_threads", lambda *a: 1)  # any two side by side
     runs = tmp_path / "runs"
 
     def report() -> None:
