@@ -47,10 +47,14 @@ class GridExperiment(Experiment):
     def threads(self, grid: Sequence[Any], ctx: RunContext) -> int | None:
         """Torch threads per unit: ``--threads``, else the thread policy where the units'
         work is known (:mod:`implreg.threads`), else None (the backend's default)."""
+        return self._unit_threads(grid, ctx.threads)
+
+    @staticmethod
+    def _unit_threads(grid: Sequence[Any], requested: int | None) -> int | None:
         from implreg.threads import choose_threads, config_step_flops
 
-        if ctx.threads is not None:
-            return ctx.threads
+        if requested is not None:
+            return requested
         work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
         return choose_threads(max(work)) if work else None
 
@@ -58,20 +62,15 @@ class GridExperiment(Experiment):
         """Threads per unit (as :meth:`threads` and the backend choose them) times the units
         run at once."""
         from implreg.backends import default_threads
-        from implreg.threads import available_cores, choose_threads, config_step_flops
+        from implreg.threads import available_cores
 
         grid = self.units(cfg)
         workers = max(1, self.workers(cfg))
         at_once = max(1, min(workers, len(grid)))
-        if requested is not None:
-            per = int(requested)
-        else:
-            work = [f for f in (config_step_flops(u) for u in grid) if f is not None]
-            if work:
-                per = choose_threads(max(work))
-            else:  # in process: torch's default; in workers: the backend's share
-                per = default_threads(workers) if workers > 1 else available_cores()
-        return per * at_once
+        per = self._unit_threads(grid, requested)
+        if per is None:  # in process: torch's default; in workers: the backend's share
+            per = default_threads(workers) if workers > 1 else available_cores()
+        return int(per) * at_once
 
     def unit_results(self, run_dir: Path) -> tuple[Any, list, dict[str, Any]]:
         """(config, units, finished results by unit name) of a run folder, for plots."""
